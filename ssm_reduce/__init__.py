@@ -1,0 +1,29 @@
+"""ssm_reduce: make trained Mamba / Mamba-2 language models cheaper at inference, without retraining.
+
+    import ssm_reduce
+    ssm_reduce.apply(model, method="utr", flops_reduction=0.2)   # in place
+    out = model(input_ids)          # shorter logits; out.kept_positions says which inputs remain
+    ssm_reduce.stats(model)         # tokens per layer, realised FLOPs reduction
+    ssm_reduce.remove(model)        # exact original behaviour back
+"""
+
+from .config import METHODS, ReduceConfig, default_schedule, flops_reduction_for, solve_keep_ratio
+from .embedded import embedded_model_path
+from .patch import apply, is_patched, protect, remove, stats, supported_hosts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "ReduceConfig",
+    "apply",
+    "default_schedule",
+    "embedded_model_path",
+    "flops_reduction_for",
+    "is_patched",
+    "protect",
+    "remove",
+    "solve_keep_ratio",
+    "stats",
+    "supported_hosts",
+]

@@ -1,0 +1,112 @@
+"""Machinery shared by the host adapters: class swapping, hook bookkeeping, the adapter registry.
+
+Patching swaps a module's ``__class__`` to a subclass built at runtime (named like the original, so
+``save_pretrained`` records the right architecture), which keeps weights, state-dict keys and user
+hooks intact; ``unpatch`` swaps it back. Host classes are recognised by name, so no host library has
+to be imported to find its adapter.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from ..runtime import Runtime
+
+RUNTIME_ATTR = "_ssm_reduce_runtime"
+HOOKS_ATTR = "_ssm_reduce_hooks"
+PARENT_ATTR = "_ssm_reduce_parent"
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def swap_class(module: torch.nn.Module, mixin: type, runtime: Runtime) -> None:
+    """Make ``module`` an instance of ``mixin`` + its class, sharing ``runtime``."""
+    parent = type(module)
+    key = (parent, mixin)
+    if key not in _SUBCLASSES:
+        attrs = {PARENT_ATTR: parent, "__qualname__": parent.__qualname__}
+        if "forward" in mixin.__dict__:
+            attrs["forward"] = _forward_with_parent_signature(mixin.__dict__["forward"], parent.forward)
+        _SUBCLASSES[key] = type(parent.__name__, (mixin, parent), attrs)
+    module.__class__ = _SUBCLASSES[key]
+    setattr(module, RUNTIME_ATTR, runtime)
+
+
+def _forward_with_parent_signature(mixin_forward, parent_forward):
+    """The mixin's forward, advertising the host's signature: ``generate`` inspects it (for example
+    to pass ``logits_to_keep=1``), and a ``*args, **kwargs`` signature would hide those options."""
+
+    @functools.wraps(parent_forward)
+    def forward(self, *args, **kwargs):
+        return mixin_forward(self, *args, **kwargs)
+
+    return forward
+
+
+def restore_class(module: torch.nn.Module) -> None:
+    """Undo ``swap_class`` and drop the runtime reference and hooks."""
+    parent = type(module).__dict__.get(PARENT_ATTR)
+    if parent is not None:
+        module.__class__ = parent
+    for handle in module.__dict__.pop(HOOKS_ATTR, []):
+        handle.remove()
+    module.__dict__.pop(RUNTIME_ATTR, None)
+
+
+def add_hook(owner: torch.nn.Module, handle) -> None:
+    """Remember a hook handle on ``owner`` so ``restore_class(owner)`` removes it."""
+    owner.__dict__.setdefault(HOOKS_ATTR, []).append(handle)
+
+
+def runtime_of(module: torch.nn.Module) -> Optional[Runtime]:
+    return module.__dict__.get(RUNTIME_ATTR)
+
+
+def class_names(module: torch.nn.Module) -> set[str]:
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
+class Adapter:
+    """One host library's model family. Subclasses fill in the hooks below."""
+
+    name: str = ""
+    supported: tuple[str, ...] = ()
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        return bool(class_names(model) & set(self.supported))
+
+    def num_layers(self, model) -> int:
+        raise NotImplementedError
+
+    def conv_kernel(self, model) -> int:
+        raise NotImplementedError
+
+    def patch(self, model, runtime: Runtime) -> None:
+        raise NotImplementedError
+
+    def unpatch(self, model) -> None:
+        raise NotImplementedError
+
+
+_ADAPTERS: list[Adapter] = []
+
+
+def register(adapter: Adapter) -> Adapter:
+    _ADAPTERS.append(adapter)
+    return adapter
+
+
+def adapter_for(model) -> Adapter:
+    """The adapter that supports ``model``; ``TypeError`` naming what is supported otherwise."""
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    supported = ", ".join(name for a in _ADAPTERS for name in a.supported)
+    raise TypeError(f"ssm_reduce does not support {type(model).__name__}; supported models: {supported}")
+
+
+def supported_hosts() -> dict[str, tuple[str, ...]]:
+    return {a.name: a.supported for a in _ADAPTERS}

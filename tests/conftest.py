@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny Mamba / Mamba-2 models built from configs (no downloads)."""
+
+import logging
+
+import pytest
+import torch
+
+import ssm_reduce
+
+# transformers logs a fallback notice for every missing optional kernel package; the tests use the
+# torch paths on purpose.
+logging.getLogger("transformers").setLevel(logging.ERROR)
+try:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+except ImportError:  # pragma: no cover
+    pass
+
+VOCAB = 64
+
+
+def tiny_mamba2(layers=6, seed=0, **overrides):
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, expand=2, head_dim=8, num_heads=8,
+        n_groups=1, state_size=8, conv_kernel=4, chunk_size=16, pad_token_id=0, bos_token_id=1,
+        eos_token_id=1,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return Mamba2ForCausalLM(Mamba2Config(**kwargs)).eval()
+
+
+def tiny_mamba(layers=6, seed=0, **overrides):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, state_size=8, conv_kernel=4,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return MambaForCausalLM(MambaConfig(**kwargs)).eval()
+
+
+FAMILIES = {"mamba2": tiny_mamba2, "mamba": tiny_mamba}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    return FAMILIES[family]()
+
+
+def random_tokens(batch, length, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (batch, length), generator=gen)
+
+
+def left_padded(batch, length, pads, seed=1):
+    """Token ids and mask with ``pads[b]`` padding tokens on the left of row b."""
+    ids = random_tokens(batch, length, seed)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b, p in enumerate(pads):
+        mask[b, :p] = 0
+    return torch.where(mask.bool(), ids, 0), mask
+
+
+def state_dict_copy(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_model(model, reference_state, reference_class):
+    assert type(model) is reference_class
+    assert not ssm_reduce.is_patched(model)
+    state = model.state_dict()
+    assert state.keys() == reference_state.keys()
+    for k, v in reference_state.items():
+        assert torch.equal(state[k], v), k

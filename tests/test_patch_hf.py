@@ -1,0 +1,377 @@
+"""Patching transformers Mamba / Mamba-2 models: exactness, invariances, generation, errors."""
+
+import pytest
+import torch
+
+import ssm_reduce
+from ssm_reduce import ReduceConfig
+from ssm_reduce.patch.base import runtime_of
+from ssm_reduce.runtime import replay
+
+from .conftest import FAMILIES, assert_same_model, left_padded, random_tokens, state_dict_copy
+
+METHODS = ssm_reduce.METHODS
+
+
+@torch.no_grad()
+def test_no_reduction_is_bit_identical(model):
+    ids, mask = left_padded(3, 40, [0, 5, 11])
+    ref = model(ids, attention_mask=mask).logits
+    ssm_reduce.apply(model)  # neither keep_ratio nor flops_reduction: no reduction
+    out = model(ids, attention_mask=mask)
+    assert torch.equal(out.logits, ref)
+    assert torch.equal(out.kept_positions, torch.where(mask.bool(), torch.arange(40), -1))
+    ssm_reduce.apply(model, keep_ratio=1.0)
+    assert torch.equal(model(ids, attention_mask=mask).logits, ref)
+
+
+@torch.no_grad()
+def test_remove_restores_exactly(model):
+    cls, state = type(model), state_dict_copy(model)
+    ids = random_tokens(2, 48)
+    ref = model(ids).logits
+    hooks_before = {name: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()}
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    assert model(ids).logits.shape[1] < 48
+    ssm_reduce.remove(model)
+    assert_same_model(model, state, cls)
+    assert all(type(m).__module__.startswith("transformers") for m in model.modules() if hasattr(m, "mixer"))
+    hooks_after = {name: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()}
+    assert hooks_after == hooks_before
+    out = model(ids)
+    assert torch.equal(out.logits, ref)
+    assert "kept_positions" not in out
+
+
+@torch.no_grad()
+def test_apply_is_idempotent(model):
+    ids = random_tokens(2, 60)
+    ssm_reduce.apply(model, method="evit", keep_ratio=0.6)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.8)
+    twice = model(ids)
+    twice_stats = ssm_reduce.stats(model)
+    ssm_reduce.remove(model)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.8)
+    once = model(ids)
+    assert torch.equal(twice.logits, once.logits)
+    assert torch.equal(twice.kept_positions, once.kept_positions)
+    assert twice_stats["tokens_per_layer"] == ssm_reduce.stats(model)["tokens_per_layer"]
+    ssm_reduce.remove(model)
+    assert not ssm_reduce.is_patched(model)
+
+
+@torch.no_grad()
+def test_layers_before_first_anchor_untouched(model):
+    ids = random_tokens(2, 50)
+    ref = model(ids, output_hidden_states=True).hidden_states
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7, layers=[3, 4])
+    out = model(ids, output_hidden_states=True).hidden_states
+    for layer in range(3):  # entry i is the output of layer i
+        assert torch.equal(out[layer], ref[layer])
+    assert out[3].shape[1] < 50  # layer 3 is the first anchor: its output is reduced
+    stats = ssm_reduce.stats(model)
+    assert stats["tokens_per_layer"][:4] == [50.0] * 4
+    assert stats["tokens_per_layer"][4] == 50 - round(50 * 0.3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_every_method_runs_and_keeps_its_promises(family, method):
+    model = FAMILIES[family]()
+    ids, mask = left_padded(3, 64, [0, 9, 20])
+    user_protect = torch.zeros(3, 64, dtype=torch.bool)
+    user_protect[:, 30] = True
+    ssm_reduce.apply(model, method=method, keep_ratio=0.7)
+    with ssm_reduce.protect(model, user_protect):
+        out = model(ids, attention_mask=mask)
+    stats = ssm_reduce.stats(model)
+    kept = out.kept_positions
+    assert out.logits.shape[:2] == kept.shape
+    assert torch.isfinite(out.logits).all()
+    for b in range(3):
+        real = kept[b][kept[b] >= 0]
+        assert bool((real[1:] > real[:-1]).all()), "order kept"
+        assert bool((kept[b, -len(real):] >= 0).all()), "left padding kept"
+        assert len(real) == stats["kept_per_row"][b] < int(mask[b].sum())
+        if method != "tor-official":  # the official code knows no protection
+            assert kept[b, -1].item() == 63, "the last real token is protected"
+            for p in (30, 61, 62, 63):  # user mask and protect_last = conv_kernel - 1
+                assert p in real.tolist()
+    assert stats["realised_flops_reduction"] > 0.1
+
+
+@pytest.mark.parametrize("method", ["utr", "evit", "tome", "random"])
+@torch.no_grad()
+def test_rows_do_not_depend_on_the_batch(family, method):
+    model = FAMILIES[family]()
+    ssm_reduce.apply(model, method=method, keep_ratio=0.75)
+    ids = random_tokens(4, 56, seed=3)
+    batched = model(ids)
+    for b in [0, 3]:
+        alone = model(ids[b : b + 1])
+        assert torch.equal(alone.kept_positions[0], batched.kept_positions[b])
+        torch.testing.assert_close(alone.logits[0], batched.logits[b], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@torch.no_grad()
+def test_padding_does_not_change_a_row(family, side):
+    model = FAMILIES[family]()
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    short = random_tokens(1, 40, seed=5)
+    long = random_tokens(1, 52, seed=6)
+    pad = torch.zeros(1, 12, dtype=torch.long)
+    if side == "left":
+        ids = torch.cat([torch.cat([pad, short], 1), long])
+        mask = torch.cat([torch.cat([pad, torch.ones_like(short)], 1), torch.ones_like(long)])
+    else:
+        ids = torch.cat([torch.cat([short, pad], 1), long])
+        mask = torch.cat([torch.cat([torch.ones_like(short), pad], 1), torch.ones_like(long)])
+    padded = model(ids, attention_mask=mask)
+    alone = model(short)
+    kept = padded.kept_positions[0]
+    real = kept >= 0
+    offset = 12 if side == "left" else 0
+    assert torch.equal(kept[real] - offset, alone.kept_positions[0])
+    if side == "left":
+        assert bool(real[-alone.logits.shape[1]:].all()) and not bool(real[: -alone.logits.shape[1]].any())
+    else:
+        assert bool(real[: alone.logits.shape[1]].all()) and not bool(real[alone.logits.shape[1]:].any())
+    torch.testing.assert_close(padded.logits[0][real], alone.logits[0], atol=2e-5, rtol=1e-4)
+    # the long row is unaffected by its neighbour's padding
+    torch.testing.assert_close(padded.logits[1], model(long).logits[0][-padded.logits.shape[1]:] if side == "left"
+                               else model(long).logits[0][: padded.logits.shape[1]], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.3])
+@torch.no_grad()
+def test_flops_target_is_realised_on_long_inputs(target):
+    model = FAMILIES["mamba2"](layers=12)
+    ssm_reduce.apply(model, method="utr", flops_reduction=target)
+    model(random_tokens(2, 1024))
+    stats = ssm_reduce.stats(model)
+    assert stats["target_flops_reduction"] == pytest.approx(target)
+    assert stats["realised_flops_reduction"] == pytest.approx(target, abs=0.01)
+    assert len(stats["tokens_per_layer"]) == 12
+
+
+@pytest.mark.parametrize("method", ["utr", "tome", "evit"])
+@torch.no_grad()
+def test_decoding_after_reduced_prefill_matches_full_forward(family, method):
+    """generate = prefill reduced + untouched decode; the same as one forward over prompt + generated
+    tokens in which the prompt is reduced by the prefill's plans and every new token is kept."""
+    model = FAMILIES[family]()
+    ssm_reduce.apply(model, method=method, keep_ratio=0.7)
+    ids, mask = left_padded(2, 36, [0, 7], seed=11)
+    steps = 5
+    gen = model.generate(
+        ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, pad_token_id=0,
+    )
+    runtime = runtime_of(model)
+    plans = dict(runtime.last_plans)  # decode steps never reduce, so these are the prefill's
+    assert plans, "the prefill reduced"
+    full_ids = gen.sequences
+    full_mask = torch.cat([mask, torch.ones(2, steps, dtype=mask.dtype)], 1)
+    with replay(runtime, plans):
+        full = model(full_ids, attention_mask=full_mask)
+    assert torch.equal(full.kept_positions[:, -steps:], torch.arange(36, 36 + steps).expand(2, steps))
+    step_logits = torch.stack(gen.logits, 1)
+    torch.testing.assert_close(full.logits[:, -steps - 1 : -1], step_logits, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_generate_greedy_sampling_batched(family):
+    model = FAMILIES[family]()
+    ids, mask = left_padded(3, 30, [0, 4, 10], seed=2)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert greedy.shape == (3, 36) and torch.equal(greedy[:, :30], ids)
+    torch.manual_seed(0)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=10, pad_token_id=0)
+    assert sampled.shape == (3, 36)
+    stats = ssm_reduce.stats(model)
+    assert stats["input_tokens_per_row"] == [30, 26, 20]  # the prefill's, not a decode step's
+
+
+@torch.no_grad()
+def test_logits_to_keep_and_kept_positions(model):
+    ids = random_tokens(2, 40)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    full = model(ids)
+    last = model(ids, logits_to_keep=1)
+    assert last.logits.shape[1] == 1
+    assert last.kept_positions.tolist() == [[39], [39]]
+    torch.testing.assert_close(last.logits[:, 0], full.logits[:, -1])
+    two = model(ids, logits_to_keep=2)
+    assert torch.equal(two.kept_positions, full.kept_positions[:, -2:])
+
+
+def test_labels_loss_uses_kept_positions(model):
+    ids = random_tokens(2, 40)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    out = model(ids, labels=ids)
+    kept = out.kept_positions
+    logits = out.logits
+    targets = torch.full_like(kept, -100)
+    for b in range(2):
+        for j, p in enumerate(kept[b].tolist()):
+            if 0 <= p < 39:
+                targets[b, j] = ids[b, p + 1]
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    assert out[0] is out.loss
+    out.loss.backward()  # gradients flow through the reduced forward
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_low_precision(family, dtype):
+    model = FAMILIES[family]().to(dtype)
+    ids = random_tokens(2, 48)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    out = model(ids)
+    assert torch.isfinite(out.logits).all()
+    assert out.kept_positions.shape[1] < 48
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7, q_hidden=0.0)
+    assert torch.isfinite(model(ids).logits).all()
+
+
+@torch.no_grad()
+def test_importance_sources_differ_and_work(model):
+    ids = random_tokens(1, 64)
+    kept = {}
+    for source in ("ssm", "gated", "block"):
+        ssm_reduce.apply(model, method="evit", keep_ratio=0.7, importance_source=source)
+        kept[source] = model(ids).kept_positions
+    assert not torch.equal(kept["gated"], kept["block"])
+    if type(model).__name__ == "Mamba2ForCausalLM":
+        assert not torch.equal(kept["ssm"], kept["gated"])  # y before the gate vs y * silu(z) after norm
+    else:
+        assert torch.equal(kept["ssm"], kept["gated"])  # Mamba-1: the nearest visible y is out_proj's input
+
+
+@torch.no_grad()
+def test_backbone_only(family):
+    model = FAMILIES[family]()
+    backbone = model.backbone
+    ids = random_tokens(2, 40)
+    ref = backbone(ids).last_hidden_state
+    ssm_reduce.apply(backbone, method="utr", keep_ratio=0.7)
+    out = backbone(ids)
+    assert out.last_hidden_state.shape[1] == out.kept_positions.shape[1] < 40
+    ssm_reduce.remove(backbone)
+    assert torch.equal(backbone(ids).last_hidden_state, ref)
+
+
+@torch.no_grad()
+def test_return_dict_false(model):
+    ids = random_tokens(1, 40)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    out = model(ids, return_dict=False)
+    assert isinstance(out, tuple)
+    assert out[0].shape[1] == ssm_reduce.stats(model)["kept_positions"].shape[1]
+
+
+@torch.no_grad()
+def test_short_sequences_pass_through(model):
+    ids = random_tokens(2, 3)  # all three protected by protect_last
+    ref = model(ids).logits
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.5)
+    out = model(ids)
+    assert torch.equal(out.logits, ref)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: a clear error, and the model exactly as it was
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(method="fastest"), ValueError, "method='fastest' is not supported"),
+        (dict(keep_ratio=0.0), ValueError, "keep_ratio must be in"),
+        (dict(keep_ratio=1.2), ValueError, "keep_ratio must be in"),
+        (dict(keep_ratio=0.9, flops_reduction=0.1), ValueError, "set only one"),
+        (dict(keep_ratio=0.9, layers=[2, 99]), ValueError, r"layers \[99\] out of range"),
+        (dict(keep_ratio=0.9, q_hidden=2.0), ValueError, "q_hidden must be in"),
+        (dict(keep_ratio=0.9, q_residual=-1), ValueError, "q_residual must be in"),
+        (dict(keep_ratio=0.9, speed="max"), TypeError, "unknown ReduceConfig option"),
+    ],
+)
+def test_bad_config_leaves_model_unchanged(family, kwargs, error, match):
+    model = FAMILIES[family]()
+    ssm_reduce.apply(model, method="evit", keep_ratio=0.8)
+    patched_class = type(model)
+    ids = random_tokens(1, 40)
+    with torch.no_grad():
+        before = model(ids)
+    with pytest.raises(error, match=match):
+        ssm_reduce.apply(model, **kwargs)
+    assert type(model) is patched_class
+    with torch.no_grad():
+        after = model(ids)
+    assert torch.equal(before.logits, after.logits)
+    # and on an unpatched model
+    fresh = FAMILIES[family]()
+    cls, state = type(fresh), state_dict_copy(fresh)
+    with pytest.raises(error, match=match):
+        ssm_reduce.apply(fresh, **kwargs)
+    assert_same_model(fresh, state, cls)
+
+
+def test_unsupported_model_type():
+    with pytest.raises(TypeError, match="does not support Linear; supported models: .*Mamba2ForCausalLM"):
+        ssm_reduce.apply(torch.nn.Linear(2, 2), keep_ratio=0.9)
+    with pytest.raises(TypeError, match="does not support"):
+        ssm_reduce.remove(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="config must be a ssm_reduce.ReduceConfig"):
+        ssm_reduce.apply(FAMILIES["mamba2"](), config={"keep_ratio": 0.9})
+
+
+def test_protect_mask_errors(model):
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    ids = random_tokens(2, 40)
+    with pytest.raises(ValueError, match=r"protect mask has shape \(2, 39\) but this forward's input is \(2, 40\)"):
+        with ssm_reduce.protect(model, torch.ones(2, 39, dtype=torch.bool)):
+            model(ids)
+    with pytest.raises(ValueError, match=r"mask must have shape \[batch, seq_len\]"):
+        with ssm_reduce.protect(model, torch.ones(40, dtype=torch.bool)):
+            pass
+    with pytest.raises(ValueError, match="mask must be boolean"):
+        with ssm_reduce.protect(model, torch.full((2, 40), 0.5)):
+            pass
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        with ssm_reduce.protect(model, [[True]]):
+            pass
+    # the failed forward left nothing behind
+    assert runtime_of(model).protect_mask is None and runtime_of(model).session is None
+    with torch.no_grad():
+        assert model(ids).logits.shape[1] < 40
+
+
+def test_protect_everything_means_no_reduction(model):
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.6)
+    ids = random_tokens(2, 40)
+    with torch.no_grad(), ssm_reduce.protect(model, torch.ones(2, 40, dtype=torch.bool)):
+        out = model(ids)
+    assert torch.equal(out.kept_positions, torch.arange(40).expand(2, 40))
+
+
+def test_stats_before_forward_and_unpatched(model):
+    with pytest.raises(ValueError, match="not patched"):
+        ssm_reduce.stats(model)
+    ssm_reduce.apply(model, flops_reduction=0.2, layers=[1, 2, 3])
+    assert ssm_reduce.stats(model)["tokens_per_layer"] == []
+
+
+def test_save_pretrained_while_patched(tmp_path, model):
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    model.save_pretrained(tmp_path)
+    import json
+
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [type(model).__name__]
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(reloaded).__module__.startswith("transformers")
