@@ -9,49 +9,32 @@ is written to ``ssm_reduce/data/embedded/`` (package data), which ``ssm_reduce.e
 returns.
 
     python eval/train_embedded.py                 # full run (about two hours on one CPU core)
-    python eval/train_embedded.py --tokens 200000 --out /tmp/tiny   # smoke run
+    python eval/train_embedded.py --tokens 200000 --out tiny-model   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import platform
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 
+from ssm_reduce.embedded import (
+    EOT_ID,
+    EXCLUDED_DIRS,
+    HELDOUT_BUCKETS,
+    file_list_hash,
+    is_heldout,
+    stdlib_files,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "ssm_reduce" / "data" / "embedded"
-EOT_ID = 256
-EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
-HELDOUT_BUCKETS = 20  # one file in twenty is held out
-
-
-def stdlib_files() -> tuple[Path, list[str]]:
-    """The standard library root and its ``.py`` files as sorted relative POSIX paths."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    rels = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if EXCLUDED_DIRS.intersection(rel.parts[:-1]):
-            continue
-        rels.append(rel.as_posix())
-    return root, sorted(rels)
-
-
-def is_heldout(rel: str) -> bool:
-    return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % HELDOUT_BUCKETS == 0
-
-
-def file_list_hash(rels: list[str]) -> str:
-    return hashlib.sha256("\n".join(rels).encode()).hexdigest()
 
 
 def read_stream(root: Path, rels: list[str]) -> torch.Tensor:

@@ -6,10 +6,42 @@ See ``eval/train_embedded.py`` for how it is made and ``data/embedded/README.md`
 
 from __future__ import annotations
 
+import hashlib
+import sysconfig
 from pathlib import Path
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "data" / "embedded"
 EMBEDDED_NAME = "embedded"
+EOT_ID = 256  # byte-level vocabulary: ids 0-255 are bytes, 256 is <|endoftext|>
+EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
+HELDOUT_BUCKETS = 20  # one file in twenty is held out
+
+
+def stdlib_files() -> tuple[Path, list[str]]:
+    """The running interpreter's standard-library root and its ``.py`` files (sorted relative POSIX
+    paths; test suites and site-packages excluded) - the embedded model's corpus."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rels = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if EXCLUDED_DIRS.intersection(rel.parts[:-1]):
+            continue
+        rels.append(rel.as_posix())
+    return root, sorted(rels)
+
+
+def is_heldout(rel: str) -> bool:
+    """Whether a corpus file (relative path) is held out from training: decided by a hash of its path."""
+    return int(hashlib.sha256(rel.encode()).hexdigest(), 16) % HELDOUT_BUCKETS == 0
+
+
+def heldout_files() -> tuple[Path, list[str]]:
+    root, rels = stdlib_files()
+    return root, [r for r in rels if is_heldout(r)]
+
+
+def file_list_hash(rels: list[str]) -> str:
+    return hashlib.sha256("\n".join(rels).encode()).hexdigest()
 
 
 def embedded_model_path() -> Path:

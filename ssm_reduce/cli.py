@@ -1,0 +1,195 @@
+"""Command line: ``ssm-reduce demo | info``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import statistics
+import sys
+import time
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _load(name: str, device: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .embedded import resolve_model_name
+
+    path = resolve_model_name(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    return model, tokenizer
+
+
+def _demo_text(min_bytes: int) -> tuple[str, str]:
+    """A slice of held-out standard-library source (never seen in the embedded model's training)."""
+    from .embedded import heldout_files
+
+    root, rels = heldout_files()
+    for rel in sorted(rels, key=lambda r: (root / r).stat().st_size, reverse=True):
+        text = (root / rel).read_text(encoding="utf-8", errors="replace")
+        if len(text.encode()) >= min_bytes + 4096:
+            start = text.find("\ndef ", len(text) // 3) + 1
+            return text[start:], rel
+    raise RuntimeError("no held-out standard-library file is long enough for the demo")
+
+
+def _time_prefill(model, ids, repeats: int) -> float:
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(ids, logits_to_keep=1, use_cache=False)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    import ssm_reduce
+
+    torch.manual_seed(0)
+    config = ssm_reduce.ReduceConfig(method=args.method, flops_reduction=args.flops_reduction)
+    model, tokenizer = _load(args.model, args.device, args.dtype)
+    text, source = _demo_text(args.tokens * 4)
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.tokens].to(args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.model} ({type(model).__name__}, {model.config.num_hidden_layers} layers, "
+          f"{n_params / 1e6:.1f}M parameters) on {args.device}, {args.dtype}")
+    print(f"prompt: {ids.shape[1]} tokens of held-out source ({source})")
+
+    with torch.no_grad():
+        dense_logits = model(ids, logits_to_keep=1).logits[0, -1].float()
+        dense_times, reduced_times = [], []
+        model(ids, logits_to_keep=1)  # warm-up
+        for _ in range(args.repeats):
+            dense_times.append(_time_prefill(model, ids, 1))
+            ssm_reduce.apply(model, config)
+            reduced_times.append(_time_prefill(model, ids, 1))
+            ssm_reduce.remove(model)
+        ssm_reduce.apply(model, config)
+        reduced_out = model(ids, logits_to_keep=1)
+        stats = ssm_reduce.stats(model)
+        reduced_logits = reduced_out.logits[0, -1].float()
+
+    anchors = stats["anchors"]
+    print(f"method: {args.method}, target FLOPs reduction {100 * args.flops_reduction:.1f}% -> "
+          f"anchor layers {anchors}, keep ratio {stats['keep_ratio']:.4f} per anchor")
+    per_layer = " ".join(f"{t:.0f}" for t in stats["tokens_per_layer"])
+    print(f"tokens entering each layer: {per_layer}")
+    print(f"realised FLOPs reduction: {100 * stats['realised_flops_reduction']:.2f}%")
+    dense_t, reduced_t = statistics.median(dense_times), statistics.median(reduced_times)
+    ratios = [r / d for d, r in zip(dense_times, reduced_times)]
+    print(f"prefill wall time (median of {args.repeats}, logits_to_keep=1): dense {dense_t * 1e3:.1f} ms, "
+          f"reduced {reduced_t * 1e3:.1f} ms, reduced/dense {statistics.median(ratios):.3f} "
+          f"(ideal {1 - stats['realised_flops_reduction']:.3f})")
+
+    p_dense = torch.softmax(dense_logits, -1)
+    p_reduced = torch.softmax(reduced_logits, -1)
+    kl = torch.sum(p_dense * (torch.log(p_dense + 1e-12) - torch.log(p_reduced + 1e-12))).item()
+    top_d, top_r = int(p_dense.argmax()), int(p_reduced.argmax())
+    overlap = len(set(p_dense.topk(5).indices.tolist()) & set(p_reduced.topk(5).indices.tolist()))
+    print(f"last-token agreement: top-1 {'same' if top_d == top_r else 'different'} "
+          f"(dense {tokenizer.decode([top_d])!r} p={p_dense[top_d]:.2f}, reduced {tokenizer.decode([top_r])!r} "
+          f"p={p_reduced[top_r]:.2f}), top-5 overlap {overlap}/5, KL(dense||reduced) {kl:.4f} nats")
+
+    with torch.no_grad():
+        reduced_gen = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+        ssm_reduce.remove(model)
+        dense_gen = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+    tail = tokenizer.decode(ids[0, -60:])
+    print(f"prompt ends: {tail!r}")
+    print(f"dense   greedy: {tokenizer.decode(dense_gen[0, ids.shape[1]:])!r}")
+    print(f"reduced greedy: {tokenizer.decode(reduced_gen[0, ids.shape[1]:])!r}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+    import transformers
+
+    import ssm_reduce
+    from .ops import kernel_status
+
+    print(f"ssm_reduce {ssm_reduce.__version__}")
+    print(f"python {platform.python_version()} ({platform.platform()})")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    for name in ("einops", "mamba_ssm", "causal_conv1d", "lm_eval", "triton"):
+        spec = importlib.util.find_spec(name)  # found, never imported: mamba_ssm needs a GPU to import
+        version = "not installed"
+        if spec is not None:
+            try:
+                from importlib.metadata import version as dist_version
+
+                version = dist_version(name.replace("_", "-"))
+            except Exception:  # noqa: BLE001 - any metadata problem just means "unknown"
+                version = "installed"
+        print(f"  {name}: {version}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"device cuda:{i}: {torch.cuda.get_device_name(i)}")
+    else:
+        print("devices: cpu only (torch.cuda.is_available() is False)")
+    status = kernel_status()
+    if status["loaded"]:
+        print(f"kernels: loaded ({', '.join(status['ops']) or 'no ops'})")
+    else:
+        print(f"kernels: not loaded - {status['reason']}")
+    for host, classes in ssm_reduce.supported_hosts().items():
+        print(f"supported ({host}): {', '.join(classes)}")
+    try:
+        print(f"embedded model: {ssm_reduce.embedded_model_path()}")
+    except FileNotFoundError as err:
+        print(f"embedded model: missing ({err})")
+    print(f"methods: {', '.join(ssm_reduce.METHODS)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import ssm_reduce
+
+    parser = argparse.ArgumentParser(prog="ssm-reduce", description="Token reduction for Mamba / Mamba-2 models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="dense vs reduced on the embedded model (offline, seconds on CPU)")
+    demo.add_argument("--model", default="embedded", help="'embedded', a local checkpoint directory or a hub id")
+    demo.add_argument("--method", default="utr", choices=ssm_reduce.METHODS)
+    demo.add_argument("--flops-reduction", type=float, default=0.2)
+    demo.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")
+    demo.add_argument("--new-tokens", type=int, default=48)
+    demo.add_argument("--repeats", type=int, default=3)
+    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--dtype", default="float32", choices=DTYPES)
+    demo.set_defaults(func=cmd_demo)
+    info = sub.add_parser("info", help="versions, devices, kernels, supported models")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+        print(f"ssm-reduce {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
