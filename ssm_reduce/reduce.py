@@ -87,6 +87,14 @@ class TokenState:
         """(B,) number of real tokens per row."""
         return self.valid.sum(1)
 
+    def to(self, device) -> "TokenState":
+        """This state on ``device`` (models split across devices hand hidden states from one to the next)."""
+        if self.pos.device == torch.device(device):
+            return self
+        return TokenState(
+            self.pos.to(device), self.size.to(device), self.valid.to(device), self.protected.to(device), self.left_padded
+        )
+
 
 @dataclass
 class Plan:

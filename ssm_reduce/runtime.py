@@ -46,14 +46,14 @@ class Session:
     def anchors(self) -> tuple[int, ...]:
         return self.runtime.resolved.anchors
 
-    def block_mask(self, host_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The padding mask a block must see: the host's until the first reduction, then ours
-        (``None`` when no padding is left, as the hosts do for all-ones masks)."""
+    def block_mask(self, host_mask: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+        """The padding mask a block on ``device`` must see: the host's until the first reduction, then
+        ours (``None`` when no padding is left, as the hosts do for all-ones masks)."""
         if not self.reduced:
             return host_mask
         if bool(self.state.valid.all()):
             return None
-        return self.state.valid.to(self.mask_dtype)
+        return self.state.valid.to(device=device, dtype=self.mask_dtype)
 
     def capture(self, name: str, value: torch.Tensor) -> None:
         self.captured[name] = value
@@ -70,7 +70,7 @@ class Session:
         runtime = self.runtime
         config = runtime.resolved.config
         try:
-            state = self.state
+            state = self.state = self.state.to(hidden.device)
             if runtime.replay_plans is not None:
                 if layer not in runtime.replay_plans:
                     return hidden, residual

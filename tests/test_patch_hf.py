@@ -375,3 +375,13 @@ def test_save_pretrained_while_patched(tmp_path, model):
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(reloaded).__module__.startswith("transformers")
+
+
+@torch.no_grad()
+def test_inputs_embeds_path(model):
+    ids = random_tokens(2, 40)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    by_ids = model(ids)
+    by_embeds = model(inputs_embeds=model.get_input_embeddings()(ids))
+    assert torch.equal(by_ids.kept_positions, by_embeds.kept_positions)
+    torch.testing.assert_close(by_ids.logits, by_embeds.logits)

@@ -128,7 +128,7 @@ class _BlockMixin:
         session = runtime_of(self).session
         if session is None:
             return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
-        attention_mask = session.block_mask(attention_mask)
+        attention_mask = session.block_mask(attention_mask, hidden_states.device)
         if self.layer_idx not in session.anchors:
             return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
         residual = hidden_states
