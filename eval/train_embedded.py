@@ -28,6 +28,7 @@ from ssm_reduce.embedded import (
     EOT_ID,
     EXCLUDED_DIRS,
     HELDOUT_BUCKETS,
+    byte_tokenizer,
     file_list_hash,
     is_heldout,
     stdlib_files,
@@ -46,39 +47,6 @@ def read_stream(root: Path, rels: list[str]) -> torch.Tensor:
             chunks.append(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int16))
         chunks.append(torch.tensor([EOT_ID], dtype=torch.int16))
     return torch.cat(chunks)
-
-
-def build_tokenizer():
-    """Byte-level tokenizer: ids 0-255 are bytes, 256 is ``<|endoftext|>`` (also used for padding)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\xa1"), ord("\xac") + 1))
-        + list(range(ord("\xae"), ord("\xff") + 1))
-    )
-    byte_to_char, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            byte_to_char[b] = chr(b)
-        else:
-            byte_to_char[b] = chr(256 + extra)
-            extra += 1
-    vocab = {byte_to_char[b]: b for b in range(256)}
-    vocab["<|endoftext|>"] = EOT_ID
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        model_max_length=1 << 20,
-    )
 
 
 def build_model(args):
@@ -189,7 +157,7 @@ def main(argv=None):
 def save(model, args, rels, train_rels, held_rels, train_bytes, n_params, history, seconds):
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
-    build_tokenizer().save_pretrained(args.out)
+    byte_tokenizer().save_pretrained(args.out)
     card = {
         "python_version": platform.python_version(),
         "stdlib_files": len(rels),

@@ -1,4 +1,4 @@
-"""Command line: ``ssm-reduce demo | info``."""
+"""Command line: ``ssm-reduce demo | eval | info``."""
 
 from __future__ import annotations
 
@@ -171,14 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--dtype", default="float32", choices=DTYPES)
     demo.set_defaults(func=cmd_demo)
+    sub.add_parser("eval", help="lm-eval with the ssm_reduce model registered (all lm-eval flags pass through)")
     info = sub.add_parser("info", help="versions, devices, kernels, supported models")
     info.set_defaults(func=cmd_info)
     return parser
 
 
+def cmd_eval(argv: list[str]) -> int:
+    """Run lm-eval's command line with the ``ssm_reduce`` model registered; every flag passes through."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError:
+        print("ssm-reduce eval: error: lm-eval is not installed; pip install 'ssm_reduce[eval]'", file=sys.stderr)
+        return 2
+    from .integrations import lm_eval as _registers_model  # noqa: F401
+
+    sys.argv = ["lm-eval", *argv]
+    cli_evaluate()
+    return 0
+
+
 def main(argv=None) -> int:
     import logging
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "eval":
+        return cmd_eval(argv[1:])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from transformers.utils import logging as hf_logging
 

@@ -58,3 +58,36 @@ def embedded_model_path() -> Path:
 def resolve_model_name(name: str) -> str:
     """``"embedded"`` -> the embedded model's directory; anything else unchanged."""
     return str(embedded_model_path()) if name == EMBEDDED_NAME else name
+
+
+def byte_tokenizer():
+    """Byte-level tokenizer: ids 0-255 are bytes, 256 is ``<|endoftext|>`` (also used for padding)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
+    byte_to_char, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            byte_to_char[b] = chr(b)
+        else:
+            byte_to_char[b] = chr(256 + extra)
+            extra += 1
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    vocab["<|endoftext|>"] = EOT_ID
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=1 << 20,
+    )
