@@ -97,7 +97,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7.0", "hypothesis>=6.0"],
-        "eval": ["lm-eval[hf]>=0.4.13"],
+        "eval": ["lm-eval[hf]>=0.4.13", "matplotlib>=3.5"],
         "mamba": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
     },
     entry_points={"console_scripts": ["ssm-reduce=ssm_reduce.cli:main"]},
