@@ -1,4 +1,4 @@
-"""Command line: ``ssm-reduce demo | eval | info``."""
+"""Command line: ``ssm-reduce demo | ppl | eval | info``."""
 
 from __future__ import annotations
 
@@ -115,6 +115,38 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_ppl(args) -> int:
+    import torch
+
+    import ssm_reduce
+    from .embedded import EOT_ID, heldout_files
+    from .evaluation import compare_perplexity
+
+    config = ssm_reduce.ReduceConfig(method=args.method, flops_reduction=args.flops_reduction)
+    model, tokenizer = _load(args.model, args.device, args.dtype)
+    if args.text_file:
+        ids = tokenizer(open(args.text_file, encoding="utf-8").read()).input_ids
+        source = args.text_file
+    else:
+        root, rels = heldout_files()
+        ids = []
+        for rel in rels:
+            ids += tokenizer((root / rel).read_text(encoding="utf-8", errors="replace")).input_ids + [EOT_ID]
+        source = f"{len(rels)} held-out standard-library files"
+    both = compare_perplexity(
+        model, torch.tensor(ids), config, window=args.window, scored=args.scored, batch_size=args.batch_size,
+        max_windows=args.windows, progress=True,
+    )
+    dense, reduced = both["dense"], both["reduced"]
+    print(f"text: {source}; {dense['windows']} windows of {args.window} tokens, the last {args.scored} of each "
+          f"scored and protected ({dense['scored_tokens']} tokens)")
+    print(f"{'':>8} {'perplexity':>11} {'bits/token':>11} {'FLOPs reduction':>16}")
+    print(f"{'dense':>8} {dense['perplexity']:>11.4f} {dense['bits_per_token']:>11.4f} {0.0:>16.4f}")
+    print(f"{args.method:>8} {reduced['perplexity']:>11.4f} {reduced['bits_per_token']:>11.4f} "
+          f"{reduced['realised_flops_reduction']:>16.4f}")
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
     import transformers
@@ -171,6 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--dtype", default="float32", choices=DTYPES)
     demo.set_defaults(func=cmd_demo)
+    ppl = sub.add_parser("ppl", help="windowed perplexity, dense vs reduced (reduce the context, score the suffix)")
+    ppl.add_argument("--model", default="embedded", help="'embedded', a local checkpoint directory or a hub id")
+    ppl.add_argument("--method", default="utr", choices=ssm_reduce.METHODS)
+    ppl.add_argument("--flops-reduction", type=float, default=0.2)
+    ppl.add_argument("--window", type=int, default=1024)
+    ppl.add_argument("--scored", type=int, default=128)
+    ppl.add_argument("--windows", type=int, default=64, help="at most this many windows")
+    ppl.add_argument("--text-file", default=None, help="default: the held-out standard-library files")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--device", default="cpu")
+    ppl.add_argument("--dtype", default="float32", choices=DTYPES)
+    ppl.set_defaults(func=cmd_ppl)
     sub.add_parser("eval", help="lm-eval with the ssm_reduce model registered (all lm-eval flags pass through)")
     info = sub.add_parser("info", help="versions, devices, kernels, supported models")
     info.set_defaults(func=cmd_info)
