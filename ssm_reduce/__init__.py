@@ -5,11 +5,13 @@
     out = model(input_ids)          # shorter logits; out.kept_positions says which inputs remain
     ssm_reduce.stats(model)         # tokens per layer, realised FLOPs reduction
     ssm_reduce.remove(model)        # exact original behaviour back
+    ssm_reduce.prune(model, calib, sparsity=0.5, method="mrp")   # one-shot weight pruning
 """
 
 from .config import METHODS, ReduceConfig, default_schedule, flops_reduction_for, solve_keep_ratio
 from .embedded import embedded_model_path
 from .patch import apply, is_patched, protect, remove, stats, supported_hosts
+from . import prune  # noqa: E402  (callable: ssm_reduce.prune(model, calib, ...))
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,7 @@ __all__ = [
     "flops_reduction_for",
     "is_patched",
     "protect",
+    "prune",
     "remove",
     "solve_keep_ratio",
     "stats",

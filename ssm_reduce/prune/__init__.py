@@ -1,0 +1,40 @@
+"""One-shot post-training weight pruning (the companion to token reduction).
+
+    import ssm_reduce
+    report = ssm_reduce.prune(model, calib_ids, sparsity=0.5, method="mrp")   # or pattern="2:4"
+    print(report)
+    new_w, mask, stats = ssm_reduce.prune.prune_linear(weight, hessian, pattern="2:4")
+
+This package is itself callable: ``ssm_reduce.prune(...)`` is ``prune_model(...)``.
+"""
+
+import sys
+import types
+
+from .driver import LayerReport, PruneReport, calibration_tokens, find_blocks, prune_model, select_targets
+from .solvers import METHODS, SolveStats, exact_solve, parse_pattern, prune_linear, relative_error
+from .sparse import to_semi_structured
+
+__all__ = [
+    "METHODS",
+    "LayerReport",
+    "PruneReport",
+    "SolveStats",
+    "calibration_tokens",
+    "exact_solve",
+    "find_blocks",
+    "parse_pattern",
+    "prune_linear",
+    "prune_model",
+    "relative_error",
+    "select_targets",
+    "to_semi_structured",
+]
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, model, calib, **kwargs) -> PruneReport:
+        return prune_model(model, calib, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

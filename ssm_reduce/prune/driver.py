@@ -1,0 +1,332 @@
+"""Model-level one-shot pruning: sequential, block by block, on calibration tokens.
+
+For every block (a Mamba / Mamba-2 block, or a decoder layer of any transformers causal LM): capture
+its inputs, accumulate the Hessian ``H = 2 X X^T / n`` of each target Linear with forward hooks, prune
+each target with ``prune_linear``, recompute the block's outputs with the pruned weights and feed them
+to the next block. Only one block sits on the compute device at a time; embeddings and the LM head are
+never pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .solvers import check_target, prune_linear
+
+logger = logging.getLogger("ssm_reduce.prune")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple
+    sparsity: float
+    relative_error: float
+    seconds: float
+    damp: float
+    cholesky_retries: int = 0
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class PruneReport:
+    """Per-Linear results of ``ssm_reduce.prune``; ``str(report)`` is a table, ``to_json()`` JSON."""
+
+    method: str
+    target: str
+    calibration: dict
+    layers: list = field(default_factory=list)
+    seconds: float = 0.0
+    skipped: list = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of removed weights over all pruned Linears."""
+        total = sum(l.shape[0] * l.shape[1] for l in self.layers)
+        removed = sum(l.sparsity * l.shape[0] * l.shape[1] for l in self.layers)
+        return removed / total if total else 0.0
+
+    @property
+    def mean_relative_error(self) -> float:
+        return sum(l.relative_error for l in self.layers) / len(self.layers) if self.layers else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "target": self.target,
+            "calibration": self.calibration,
+            "sparsity": self.sparsity,
+            "mean_relative_error": self.mean_relative_error,
+            "seconds": self.seconds,
+            "skipped": self.skipped,
+            "layers": [asdict(l) | {"shape": list(l.shape)} for l in self.layers],
+        }
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    def __str__(self) -> str:
+        width = max([len(l.name) for l in self.layers] + [5])
+        lines = [
+            f"{self.method} {self.target}: {len(self.layers)} Linear layers, overall sparsity {self.sparsity:.4f}, "
+            f"mean relative error {self.mean_relative_error:.4g}, {self.seconds:.1f} s",
+            f"{'layer':<{width}}  {'shape':>12}  {'sparsity':>8}  {'rel. error':>10}  {'time s':>7}  note",
+        ]
+        for l in self.layers:
+            shape = f"{l.shape[0]}x{l.shape[1]}"
+            note = "; ".join(l.notes)
+            lines.append(f"{l.name:<{width}}  {shape:>12}  {l.sparsity:>8.4f}  {l.relative_error:>10.4g}  {l.seconds:>7.2f}  {note}")
+        lines += [f"skipped: {name}" for name in self.skipped]
+        return "\n".join(lines)
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward once the first block's inputs are recorded."""
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(qualified name, ModuleList) of the model's repeated blocks: the largest ModuleList whose
+    children all share one class (Mamba ``backbone.layers``, LLaMA ``model.layers``, GPT-2
+    ``transformer.h``, OPT ``model.decoder.layers``, ...)."""
+    best, best_params = None, -1
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) != 1:
+                continue
+            params = sum(p.numel() for p in module.parameters())
+            if params > best_params:
+                best, best_params = (name, module), params
+    if best is None:
+        raise TypeError(f"found no repeated blocks (a ModuleList of layers) in {type(model).__name__}")
+    return best
+
+
+def select_targets(blocks: torch.nn.ModuleList, filter_fn: Optional[Callable]) -> list[list[tuple[str, torch.nn.Linear]]]:
+    """Per block, the (name, Linear) pairs to prune. Default: every Linear inside the blocks.
+    ``filter_fn(module, name) -> bool`` chooses instead; choosing a non-Linear is an error."""
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable as filter_fn(module, name) -> bool, got {filter_fn!r}")
+    out = []
+    for block in blocks:
+        chosen = []
+        for name, module in block.named_modules():
+            if not name:
+                continue
+            keep = isinstance(module, torch.nn.Linear) if filter_fn is None else bool(filter_fn(module, name))
+            if keep and not isinstance(module, torch.nn.Linear):
+                raise TypeError(
+                    f"filter_fn selected {name} ({type(module).__name__}); only torch.nn.Linear layers can be pruned"
+                )
+            if keep:
+                chosen.append((name, module))
+        out.append(chosen)
+    if not any(out):
+        raise ValueError("no Linear layer was selected for pruning")
+    return out
+
+
+def calibration_tokens(calib, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(n, L) token windows: rows of a 2-D tensor (capped at ``nsamples`` x ``seqlen``), or ``nsamples``
+    random windows of ``seqlen`` tokens from a 1-D tensor or from texts tokenised with ``tokenizer``."""
+    if nsamples < 1 or seqlen < 2:
+        raise ValueError(f"nsamples must be >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+    if isinstance(calib, str) or (isinstance(calib, Sequence) and calib and all(isinstance(t, str) for t in calib)):
+        if tokenizer is None:
+            raise ValueError("calibration texts need a tokenizer: prune(model, texts, tokenizer=tok, ...)")
+        texts = [calib] if isinstance(calib, str) else list(calib)
+        ids = []
+        for text in texts:
+            ids += tokenizer(text).input_ids
+            if tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
+        calib = torch.tensor(ids, dtype=torch.long)
+    if not isinstance(calib, torch.Tensor) or calib.dtype not in (torch.long, torch.int, torch.int32, torch.int16):
+        raise TypeError("calib must be a LongTensor of token ids ([n, L] or [T]) or texts with a tokenizer")
+    calib = calib.long()
+    if calib.dim() == 2:
+        if calib.shape[1] < 2 or calib.shape[0] < 1:
+            raise ValueError(f"calib has shape {tuple(calib.shape)}; need at least one row of 2 tokens")
+        return calib[:nsamples, :seqlen]
+    if calib.dim() != 1:
+        raise ValueError(f"calib must be 1-D or 2-D, got shape {tuple(calib.shape)}")
+    if len(calib) < seqlen:
+        raise ValueError(
+            f"calib is too short: {len(calib)} tokens, but one window needs seqlen={seqlen}; "
+            "give more text or lower seqlen"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(calib) - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([calib[s : s + seqlen] for s in starts.tolist()])
+
+
+def _capture_inputs(model, blocks, tokens, batch_size, device):
+    """Run the model up to its first block; returns a list of (args, kwargs) per batch."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    model_device = next(model.parameters()).device
+    try:
+        for batch in tokens.split(batch_size):
+            try:
+                model(batch.to(model_device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return [(_to(args, device), _to(kwargs, device)) for args, kwargs in captured]
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _HessianHook:
+    """Accumulates H = 2 X X^T / n over the inputs of one Linear (or a slice of another module's output)."""
+
+    def __init__(self, features: int, device):
+        self.h = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        total = self.n + x.shape[0]
+        self.h *= self.n / total
+        self.h += (2.0 / total) * (x.T @ x)
+        self.n = total
+
+
+@torch.no_grad()
+def prune_model(
+    model: torch.nn.Module,
+    calib,
+    *,
+    sparsity: Optional[float] = None,
+    pattern: Optional[str] = None,
+    method: str = "mrp",
+    filter_fn: Optional[Callable] = None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    tokenizer=None,
+    device: Optional[Union[str, torch.device]] = None,
+    batch_size: int = 8,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    swap_rounds: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> PruneReport:
+    """Prune ``model`` in place, block by block (see the module docstring); returns a PruneReport.
+
+    Args:
+        calib: token ids ([n, L] windows or a 1-D stream) or text(s) with ``tokenizer``.
+        sparsity / pattern: exactly one: unstructured fraction per row in [0, 1), or ``"N:M"``.
+        method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``mrp`` (see ``ssm_reduce.prune.solvers``).
+        filter_fn: ``filter_fn(module, name) -> bool`` over the modules inside each block (default:
+            every Linear: Mamba-2 in_proj/out_proj, Mamba-1 also x_proj/dt_proj, all Linears of a
+            transformer decoder layer).
+        nsamples, seqlen: calibration windows and their length (a cap for 2-D ``calib``).
+        device: where each block is processed (default: the model's device); the model stays put.
+    Everything is validated before the first weight changes.
+    """
+    nm = check_target(sparsity, pattern, method)
+    blocks_name, blocks = find_blocks(model)
+    targets = select_targets(blocks, filter_fn)
+    skipped = []
+    if nm is not None:
+        # An N:M pattern needs in_features divisible by M: layers chosen by default that are not
+        # (Mamba-1's narrow dt_proj, say) are skipped and reported; layers a filter_fn chose are an error.
+        for i, block_targets in enumerate(targets):
+            for name, linear in list(block_targets):
+                if linear.in_features % nm[1] == 0:
+                    continue
+                if filter_fn is not None:
+                    raise ValueError(
+                        f"pattern {pattern!r} needs in_features divisible by {nm[1]}; {name} has {linear.in_features}"
+                    )
+                block_targets.remove((name, linear))
+                skipped.append(f"{blocks_name}.{i}.{name} (in_features {linear.in_features} not divisible by {nm[1]})")
+        if not any(targets):
+            raise ValueError(f"no Linear layer has in_features divisible by {nm[1]} for pattern {pattern!r}")
+    tokens = calibration_tokens(calib, tokenizer, nsamples, seqlen, seed)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    report = PruneReport(
+        method=method,
+        target=f"pattern {pattern}" if pattern else f"sparsity {sparsity}",
+        calibration={"samples": tokens.shape[0], "seqlen": tokens.shape[1], "tokens": tokens.numel()},
+        skipped=skipped,
+    )
+    if skipped:
+        logger.warning("skipped %d layers the pattern does not fit: %s", len(skipped), ", ".join(skipped))
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    inputs = _capture_inputs(model, blocks, tokens, batch_size, device)
+    bar = tqdm(range(len(blocks)), desc=f"pruning {method}", disable=not progress)
+    for i in bar:
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        hooks, handles = {}, []
+        for name, linear in targets[i]:
+            hooks[name] = _HessianHook(linear.in_features, device)
+            handles.append(_register_input_hook(block, name, linear, hooks[name]))
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+        for handle in handles:
+            handle.remove()
+        for name, linear in targets[i]:
+            new, _, stats = prune_linear(
+                linear.weight.data, hooks[name].h, sparsity=sparsity, pattern=pattern, method=method,
+                blocksize=blocksize, damp=damp, swap_rounds=swap_rounds,
+            )
+            linear.weight.data.copy_(new)
+            report.layers.append(LayerReport(
+                name=f"{blocks_name}.{i}.{name}", shape=tuple(linear.weight.shape), sparsity=stats.sparsity,
+                relative_error=stats.relative_error, seconds=stats.seconds, damp=stats.damp,
+                cholesky_retries=stats.cholesky_retries, notes=list(stats.notes),
+            ))
+            if stats.cholesky_retries:
+                logger.warning("%s: %s", name, "; ".join(stats.notes))
+        inputs = [((_first(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        block.to(home)
+        bar.set_postfix(error=f"{report.layers[-1].relative_error:.3g}")
+    model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _register_input_hook(block, name, linear, hook: _HessianHook):
+    """Feed ``hook`` with the inputs of ``linear``. transformers' Mamba-1 mixer applies ``dt_proj`` by
+    its weight (``dt_proj.weight @ x``), never calling the module: its input is then taken from the
+    first ``time_step_rank`` outputs of ``x_proj``."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    if leaf == "dt_proj" and hasattr(parent, "x_proj") and hasattr(parent, "time_step_rank"):
+        rank = parent.time_step_rank
+        return parent.x_proj.register_forward_hook(lambda m, a, out: hook.add(out[..., :rank]))
+    return linear.register_forward_hook(lambda m, a, out: hook.add(a[0]))

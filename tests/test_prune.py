@@ -1,0 +1,207 @@
+"""Weight pruning: masks, exactness of MRP, error ordering, model-level runs, errors."""
+
+import pytest
+import torch
+
+import ssm_reduce
+from ssm_reduce.prune import METHODS, parse_pattern, prune_linear, relative_error
+
+from .conftest import FAMILIES, random_tokens, state_dict_copy
+
+
+def correlated_problem(out=96, inp=64, tokens=2048, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=gen) / inp**0.5
+    x = torch.randn(tokens, inp, generator=gen) @ mix + 0.3 * torch.randn(tokens, inp, generator=gen)
+    x = x * torch.linspace(0.2, 3.0, inp)  # input channels of very different scales, as in real models
+    return torch.randn(out, inp, generator=gen), 2 * x.T @ x / tokens
+
+
+TARGETS = [dict(sparsity=0.5), dict(sparsity=0.7), dict(sparsity=0.3), dict(pattern="2:4"), dict(pattern="4:8"), dict(pattern="1:4")]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: str(list(t.values())[0]))
+def test_exact_sparsity_and_valid_patterns(method, target):
+    w, h = correlated_problem()
+    new, mask, stats = prune_linear(w, h, method=method, **target)
+    assert new.shape == w.shape and new.dtype == w.dtype
+    assert torch.equal(new[mask], torch.zeros(int(mask.sum())))
+    if "sparsity" in target:
+        per_row = mask.sum(1)
+        assert bool((per_row == int(target["sparsity"] * w.shape[1])).all())
+    else:
+        n, m = parse_pattern(target["pattern"])
+        groups = mask.reshape(w.shape[0], -1, m).sum(-1)
+        assert bool((groups == m - n).all())
+    assert stats.sparsity == pytest.approx(float(mask.float().mean()))
+    assert stats.relative_error == pytest.approx(relative_error(w, new, h))
+    if method in ("magnitude", "wanda"):
+        assert torch.equal(new[~mask], w[~mask])  # no update of kept weights
+
+
+@pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(sparsity=0.8), dict(sparsity=0.25), dict(pattern="2:4")],
+                         ids=lambda t: str(list(t.values())[0]))
+def test_mrp_kept_weights_are_the_least_squares_optimum(target):
+    w, h = correlated_problem(out=40, inp=48)
+    new, mask, _ = prune_linear(w, h, method="mrp", **target)
+    damped = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(48, dtype=torch.float64)
+    for row in range(w.shape[0]):
+        kept = (~mask[row]).nonzero().flatten()
+        # independent solve: least squares  min || A (w'_K - ...) ||  via lstsq on the normal equations
+        solution = torch.linalg.lstsq(damped[kept][:, kept], (w[row].double() @ damped)[kept, None]).solution[:, 0]
+        got = new[row, kept].double()
+        assert (got - solution).norm() / solution.norm() < 1e-4
+
+
+@pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")], ids=["50%", "2:4"])
+def test_error_ordering_on_correlated_inputs(target):
+    w, h = correlated_problem(out=128, inp=128, tokens=4096)
+    err = {m: prune_linear(w, h, method=m, **target)[2].relative_error for m in METHODS}
+    assert err["mrp"] <= err["sparsegpt"] < err["wanda"] < err["magnitude"]
+    assert err["mrp"] <= 0.95 * err["sparsegpt"]
+
+
+def test_cholesky_failure_retries_with_more_damping():
+    w = torch.randn(8, 4)
+    h = torch.diag(torch.tensor([1.0, 1.0, -0.5, 1.0]))
+    new, mask, stats = prune_linear(w, h, sparsity=0.5, method="sparsegpt")
+    assert stats.cholesky_retries >= 1 and "retrying" in stats.notes[0]
+    assert stats.damp > 0.01 and torch.isfinite(new).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sparsity=1.0), r"sparsity must be a number in \[0, 1\)"),
+        (dict(sparsity=-0.1), r"sparsity must be a number in \[0, 1\)"),
+        (dict(pattern="2-4"), "pattern must look like 'N:M'"),
+        (dict(pattern="a:b"), "pattern must look like 'N:M'"),
+        (dict(pattern="4:4"), "must keep 0 < N < M"),
+        (dict(pattern="5:4"), "must keep 0 < N < M"),
+        (dict(pattern="0:4"), "must keep 0 < N < M"),
+        (dict(), "set exactly one of sparsity"),
+        (dict(sparsity=0.5, pattern="2:4"), "set exactly one of sparsity"),
+        (dict(sparsity=0.5, method="obs"), "method='obs' is not supported"),
+    ],
+)
+def test_bad_targets(kwargs, match):
+    w, h = correlated_problem(out=8, inp=16)
+    with pytest.raises(ValueError, match=match):
+        prune_linear(w, h, **{"method": "mrp", **kwargs})
+    model = FAMILIES["mamba2"](layers=2)
+    before = state_dict_copy(model)
+    with pytest.raises(ValueError, match=match):
+        ssm_reduce.prune(model, random_tokens(1, 600)[0], seqlen=64, nsamples=2, **{"method": "mrp", **kwargs})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_model_level_errors_change_nothing():
+    model = FAMILIES["mamba2"](layers=2)
+    before = state_dict_copy(model)
+    calib = random_tokens(1, 600)[0]
+    with pytest.raises(ValueError, match="calib is too short: 600 tokens"):
+        ssm_reduce.prune(model, calib, sparsity=0.5, seqlen=1024)
+    with pytest.raises(TypeError, match="only torch.nn.Linear layers can be pruned"):
+        ssm_reduce.prune(model, calib, sparsity=0.5, seqlen=64, filter_fn=lambda m, n: n.endswith("norm") or n.endswith("proj"))
+    with pytest.raises(TypeError, match="filter_fn must be callable"):
+        ssm_reduce.prune(model, calib, sparsity=0.5, seqlen=64, filter_fn="in_proj")
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        ssm_reduce.prune(model, ["some text"], sparsity=0.5, seqlen=64)
+    with pytest.raises(ValueError, match="needs in_features divisible by 3; mixer.in_proj has 32"):
+        ssm_reduce.prune(model, calib, pattern="1:3", seqlen=64, filter_fn=lambda m, n: n.endswith("in_proj"))
+    with pytest.raises(ValueError, match="no Linear layer has in_features divisible by 5"):
+        ssm_reduce.prune(model, calib, pattern="1:5", seqlen=64)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["mamba2", "mamba", "llama"])
+@pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")], ids=["50%", "2:4"])
+def test_model_level(name, target):
+    model = tiny_llama() if name == "llama" else FAMILIES[name](layers=3)
+    calib = random_tokens(1, 3000, seed=4)[0]
+    lm_head = model.lm_head.weight.clone()
+    embed = model.get_input_embeddings().weight.clone()
+    report = ssm_reduce.prune(model, calib, method="mrp", nsamples=6, seqlen=96, progress=False, **target)
+    expected = {"mamba2": {"in_proj", "out_proj"}, "mamba": {"in_proj", "x_proj", "dt_proj", "out_proj"},
+                "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}}[name]
+    if name == "mamba" and "pattern" in target:  # the tiny model's dt_proj has 2 inputs: no 2:4 fits
+        expected = expected - {"dt_proj"}
+        assert len(report.skipped) == 3 and "dt_proj" in report.skipped[0]
+    assert {l.name.rsplit(".", 1)[1] for l in report.layers} == expected
+    assert report.sparsity == pytest.approx(0.5, abs=0.02)
+    named = dict(model.named_modules())
+    for layer in report.layers:
+        weight = named[layer.name].weight
+        assert float((weight == 0).float().mean()) >= layer.sparsity - 1e-6
+        assert layer.sparsity == pytest.approx(0.5, abs=0.05)
+    assert torch.equal(model.lm_head.weight, lm_head) and torch.equal(model.get_input_embeddings().weight, embed)
+    with torch.no_grad():
+        assert torch.isfinite(model(random_tokens(2, 40)).logits).all()
+    text = str(report)
+    assert "overall sparsity" in text and report.layers[0].name in text
+    assert '"method": "mrp"' in report.to_json()
+
+
+def test_save_and_reload_keep_zeros(tmp_path):
+    model = FAMILIES["mamba2"](layers=2)
+    ssm_reduce.prune(model, random_tokens(1, 2000)[0], pattern="2:4", method="sparsegpt", nsamples=4, seqlen=64,
+                     progress=False)
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    w = reloaded.backbone.layers[0].mixer.in_proj.weight
+    assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def test_prune_composes_with_token_reduction():
+    calib = random_tokens(1, 2000)[0]
+    ids = random_tokens(2, 48)
+    first = FAMILIES["mamba2"]()
+    ssm_reduce.prune(first, calib, sparsity=0.5, method="wanda", nsamples=4, seqlen=64, progress=False)
+    ssm_reduce.apply(first, method="utr", keep_ratio=0.7)
+    second = FAMILIES["mamba2"]()
+    ssm_reduce.apply(second, method="utr", keep_ratio=0.7)  # patched first, pruned second
+    ssm_reduce.prune(second, calib, sparsity=0.5, method="wanda", nsamples=4, seqlen=64, progress=False)
+    assert ssm_reduce.is_patched(second)
+    with torch.no_grad():
+        a, b = first(ids), second(ids)
+    assert a.logits.shape[1] < 48
+    assert torch.equal(a.kept_positions, b.kept_positions)
+    torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_texts_with_tokenizer():
+    from ssm_reduce.embedded import byte_tokenizer
+
+    model = FAMILIES["mamba2"](layers=2, vocab_size=257, pad_token_id=256, bos_token_id=256, eos_token_id=256)
+    report = ssm_reduce.prune(model, ["def f(x):\n    return x\n" * 40, "class A:\n    pass\n" * 40],
+                              tokenizer=byte_tokenizer(), sparsity=0.5, method="magnitude", nsamples=4, seqlen=128,
+                              progress=False)
+    assert report.calibration == {"samples": 4, "seqlen": 128, "tokens": 512}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="semi-structured sparse weights need a CUDA GPU")
+def test_semi_structured_conversion_on_gpu():
+    model = FAMILIES["mamba2"](layers=2, hidden_size=128, head_dim=32, num_heads=8).half().cuda()
+    ssm_reduce.prune(model, random_tokens(1, 2000)[0], pattern="2:4", method="sparsegpt", nsamples=4, seqlen=64,
+                     progress=False)
+    ids = random_tokens(2, 64).cuda()
+    with torch.no_grad():
+        dense = model(ids).logits
+    converted = ssm_reduce.prune.to_semi_structured(model)
+    assert converted
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense, atol=2e-2, rtol=2e-2)
