@@ -1,4 +1,4 @@
-"""Command line: ``ssm-reduce demo | ppl | eval | info``."""
+"""Command line: ``ssm-reduce demo | ppl | prune | eval | info``."""
 
 from __future__ import annotations
 
@@ -147,6 +147,33 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from pathlib import Path
+
+    import ssm_reduce
+    from .embedded import training_texts
+    from .prune.solvers import check_target
+
+    check_target(args.sparsity, args.pattern, args.method)
+    model, tokenizer = _load(args.model, args.device, args.dtype)
+    if args.calib == "embedded":
+        calib = training_texts(max_bytes=4 * args.nsamples * args.seqlen)
+    else:
+        calib = Path(args.calib).read_text(encoding="utf-8", errors="replace")
+    report = ssm_reduce.prune(
+        model, calib, tokenizer=tokenizer, sparsity=args.sparsity, pattern=args.pattern, method=args.method,
+        nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device,
+    )
+    print(report)
+    if args.out:
+        out = Path(args.out)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        report.to_json(out / "prune_report.json")
+        print(f"saved the pruned model and prune_report.json to {out}")
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
     import transformers
@@ -215,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", default="cpu")
     ppl.add_argument("--dtype", default="float32", choices=DTYPES)
     ppl.set_defaults(func=cmd_ppl)
+    prune = sub.add_parser("prune", help="one-shot weight pruning (magnitude, wanda, sparsegpt, mrp)")
+    prune.add_argument("--model", default="embedded", help="'embedded', a local checkpoint directory or a hub id")
+    target = prune.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sparsity", type=float, help="unstructured fraction of each row, in [0, 1)")
+    target.add_argument("--pattern", help="N:M, e.g. 2:4")
+    prune.add_argument("--method", default="mrp", choices=("magnitude", "wanda", "sparsegpt", "mrp"))
+    prune.add_argument("--calib", default="embedded", help="a text file, or 'embedded' (the embedded model's training text)")
+    prune.add_argument("--nsamples", type=int, default=128)
+    prune.add_argument("--seqlen", type=int, default=2048)
+    prune.add_argument("--batch-size", type=int, default=8)
+    prune.add_argument("--out", default=None, help="directory for the pruned model (save_pretrained) and report")
+    prune.add_argument("--device", default="cpu")
+    prune.add_argument("--dtype", default="float32", choices=DTYPES)
+    prune.set_defaults(func=cmd_prune)
     sub.add_parser("eval", help="lm-eval with the ssm_reduce model registered (all lm-eval flags pass through)")
     info = sub.add_parser("info", help="versions, devices, kernels, supported models")
     info.set_defaults(func=cmd_info)

@@ -40,6 +40,21 @@ def heldout_files() -> tuple[Path, list[str]]:
     return root, [r for r in rels if is_heldout(r)]
 
 
+def training_texts(max_bytes: int | None = None) -> list[str]:
+    """Texts of the training split of the corpus (for calibration), at most ``max_bytes`` in all."""
+    root, rels = stdlib_files()
+    texts, size = [], 0
+    for rel in rels:
+        if is_heldout(rel):
+            continue
+        text = (root / rel).read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        size += len(text)
+        if max_bytes is not None and size >= max_bytes:
+            break
+    return texts
+
+
 def file_list_hash(rels: list[str]) -> str:
     return hashlib.sha256("\n".join(rels).encode()).hexdigest()
 

@@ -49,3 +49,33 @@ def test_build_switch_validated():
     env = dict(os.environ, SSM_REDUCE_BUILD_CUDA="0")
     proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and "ssm_reduce" in proc.stdout
+
+
+def test_prune_command(tmp_path, capsys):
+    import json
+
+    from ssm_reduce.embedded import byte_tokenizer
+
+    from .conftest import tiny_mamba2
+
+    model = tiny_mamba2(layers=2, vocab_size=257, pad_token_id=256, bos_token_id=256, eos_token_id=256)
+    model.save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text("def f(x):\n    return x * 2\n" * 200)
+    code = cli.main(["prune", "--model", str(tmp_path / "model"), "--pattern", "2:4", "--method", "mrp",
+                     "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "128",
+                     "--out", str(tmp_path / "pruned")])
+    assert code == 0
+    assert "overall sparsity 0.5000" in capsys.readouterr().out
+    report = json.loads((tmp_path / "pruned" / "prune_report.json").read_text())
+    assert report["method"] == "mrp" and len(report["layers"]) == 4
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    w = pruned.backbone.layers[1].mixer.out_proj.weight
+    assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def test_prune_command_rejects_bad_pattern(capsys):
+    assert cli.main(["prune", "--pattern", "4:4"]) == 2
+    assert "must keep 0 < N < M" in capsys.readouterr().err
