@@ -1,0 +1,132 @@
+"""Layer-level pruning benchmark: relative reconstruction error and time of every method.
+
+* error: on the Linear layers of the embedded model with their real calibration Hessians (inputs
+  captured on training text), at 50 / 60 / 70 % and 2:4 / 4:8;
+* time: on random layers of public checkpoint shapes (mamba2-130m; add mamba2-2.7b on a GPU), with
+  correlated random inputs.
+
+    python eval/bench_prune.py                     # CPU
+    python eval/bench_prune.py --device cuda --time-shapes mamba2-130m mamba2-2.7b
+
+Writes eval/results/bench_prune_<device>.json and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+from ssm_reduce.prune import METHODS, prune_linear  # noqa: E402
+from ssm_reduce.prune.driver import _HessianHook, calibration_tokens  # noqa: E402
+from ssm_reduce.shapes import PUBLIC_SHAPES  # noqa: E402
+
+TARGETS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7),
+           "2:4": dict(pattern="2:4"), "4:8": dict(pattern="4:8")}
+
+
+@torch.no_grad()
+def embedded_hessians(layers, nsamples, seqlen):
+    """{name: (weight, H)} of in_proj / out_proj of the given blocks of the embedded model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import ssm_reduce
+    from ssm_reduce.embedded import training_texts
+
+    path = ssm_reduce.embedded_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokens = calibration_tokens(training_texts(max_bytes=4 * nsamples * seqlen), tokenizer, nsamples, seqlen, 0)
+    hooks, handles = {}, []
+    for i in layers:
+        for proj in ("in_proj", "out_proj"):
+            linear = getattr(model.backbone.layers[i].mixer, proj)
+            name = f"layers.{i}.mixer.{proj}"
+            hooks[name] = (linear, _HessianHook(linear.in_features, "cpu"))
+            handles.append(linear.register_forward_hook(lambda m, a, o, h=hooks[name][1]: h.add(a[0])))
+    for batch in tokens.split(8):
+        model(batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    return {name: (linear.weight.data.clone(), hook.h) for name, (linear, hook) in hooks.items()}
+
+
+def random_layer(out, inp, tokens, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=gen) / inp**0.5
+    x = (torch.randn(tokens, inp, generator=gen) @ mix + 0.3 * torch.randn(tokens, inp, generator=gen))
+    x = x * torch.linspace(0.2, 3.0, inp)
+    h = (2 * x.T @ x / tokens).to(device)
+    return (torch.randn(out, inp, generator=gen) * 0.02).to(device), h
+
+
+def layer_shapes(name):
+    family, _, d = PUBLIC_SHAPES[name]
+    d_inner, n = 2 * d, 128
+    if family != "mamba2":
+        raise ValueError("time shapes are Mamba-2 layers")
+    return {"in_proj": (2 * d_inner + 2 * n + d_inner // 64, d), "out_proj": (d, d_inner)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--layers", nargs="+", type=int, default=[0, 6, 11], help="embedded-model blocks")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--time-shapes", nargs="*", default=["mamba2-130m"])
+    p.add_argument("--time-targets", nargs="+", default=["50%", "2:4"], choices=list(TARGETS))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    harness.set_threads()
+
+    errors = []
+    print("relative error ||WX - W'X||^2 / ||WX||^2 on the embedded model's real inputs")
+    print(f"{'layer':<24} {'target':>6} " + " ".join(f"{m:>10}" for m in METHODS) + "   mrp/sparsegpt")
+    for name, (w, h) in embedded_hessians(args.layers, args.nsamples, args.seqlen).items():
+        for label, target in TARGETS.items():
+            row = {"layer": name, "shape": list(w.shape), "target": label}
+            for method in METHODS:
+                _, _, stats = prune_linear(w.to(args.device), h.to(args.device), method=method, **target)
+                row[method] = {"relative_error": stats.relative_error, "seconds": stats.seconds}
+            row["mrp_over_sparsegpt"] = row["mrp"]["relative_error"] / row["sparsegpt"]["relative_error"]
+            errors.append(row)
+            print(f"{name:<24} {label:>6} " + " ".join(f"{row[m]['relative_error']:>10.4g}" for m in METHODS)
+                  + f"   {row['mrp_over_sparsegpt']:.3f}", flush=True)
+
+    timings = []
+    for shape in args.time_shapes:
+        for proj, (out, inp) in layer_shapes(shape).items():
+            w, h = random_layer(out, inp, 4 * inp, args.device)
+            for label in args.time_targets:
+                row = {"shape": shape, "layer": proj, "size": [out, inp], "target": label}
+                for method in METHODS:
+                    _, _, stats = prune_linear(w, h, method=method, **TARGETS[label])
+                    row[method] = {"seconds": stats.seconds, "relative_error": stats.relative_error}
+                row["mrp_time_over_sparsegpt"] = row["mrp"]["seconds"] / row["sparsegpt"]["seconds"]
+                timings.append(row)
+                print(f"time {shape} {proj} {out}x{inp} {label}: " + ", ".join(
+                    f"{m} {row[m]['seconds']:.2f}s" for m in METHODS) + f" (mrp/sparsegpt {row['mrp_time_over_sparsegpt']:.1f}x)",
+                    flush=True)
+
+    def mean_ratio(label):
+        vals = [r["mrp_over_sparsegpt"] for r in errors if r["target"] == label]
+        return sum(vals) / len(vals)
+
+    summary = {label: {"mean_mrp_over_sparsegpt_error": mean_ratio(label)} for label in TARGETS}
+    print("mean mrp / sparsegpt error ratio: " + ", ".join(f"{k} {v['mean_mrp_over_sparsegpt_error']:.3f}" for k, v in summary.items()))
+    payload = {"benchmark": "layer-level pruning error and time", "environment": harness.environment(args.device),
+               "calibration": {"samples": args.nsamples, "seqlen": args.seqlen}, "summary": summary,
+               "errors": errors, "timings": timings}
+    path = harness.save(f"bench_prune_{args.device.split(':')[0]}", payload, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
