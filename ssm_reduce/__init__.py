@@ -10,6 +10,7 @@
 
 from .config import METHODS, ReduceConfig, default_schedule, flops_reduction_for, solve_keep_ratio
 from .embedded import embedded_model_path
+from .loading import load_model, save_model
 from .patch import apply, is_patched, protect, remove, stats, supported_hosts
 from . import prune  # noqa: E402  (callable: ssm_reduce.prune(model, calib, ...))
 
@@ -23,9 +24,11 @@ __all__ = [
     "embedded_model_path",
     "flops_reduction_for",
     "is_patched",
+    "load_model",
     "protect",
     "prune",
     "remove",
+    "save_model",
     "solve_keep_ratio",
     "stats",
     "supported_hosts",

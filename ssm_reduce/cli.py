@@ -13,15 +13,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _load(name: str, device: str, dtype: str):
+    """Model and tokenizer of ``embedded``, a HF or mamba_ssm checkpoint directory, or a hub id."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .embedded import resolve_model_name
+    from .loading import load_model, load_tokenizer
 
-    path = resolve_model_name(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    return model, tokenizer
+    model = load_model(name, device=device, dtype=getattr(torch, dtype))
+    return model, load_tokenizer(name)
 
 
 def _demo_text(min_bytes: int) -> tuple[str, str]:

@@ -26,6 +26,7 @@ from lm_eval.models.huggingface import HFLM
 import ssm_reduce
 from ssm_reduce.config import ReduceConfig
 from ssm_reduce.embedded import resolve_model_name
+from ssm_reduce.loading import checkpoint_format, load_model, load_tokenizer
 
 REDUCE_FIELDS = {f.name for f in fields(ReduceConfig)}
 _INT_FIELDS = ("protect_last", "protect_first", "seed")
@@ -68,6 +69,14 @@ class ReducedLM(HFLM):
         config = reduce_config_from_args({k: kwargs.pop(k) for k in list(kwargs) if k in REDUCE_FIELDS})
         if isinstance(pretrained, str):
             pretrained = resolve_model_name(pretrained)
+            if checkpoint_format(pretrained) == "mamba_ssm":
+                # lm-eval cannot read this format: convert in memory (single process; for accelerate
+                # data parallelism save it once with ssm_reduce.save_model(..., format="hf")).
+                if kwargs.get("tokenizer") is None:
+                    kwargs["tokenizer"] = load_tokenizer(pretrained)
+                dtype = kwargs.get("dtype", "auto")
+                pretrained = load_model(pretrained, dtype=None if dtype in (None, "auto") else dtype,
+                                        device=kwargs.get("device", "cuda"))
         kwargs.setdefault("backend", "causal")
         super().__init__(pretrained=pretrained, **kwargs)
         ssm_reduce.apply(self.model, config)
