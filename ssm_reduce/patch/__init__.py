@@ -10,7 +10,7 @@ import torch
 
 from ..config import ReduceConfig
 from ..runtime import Runtime
-from . import hf  # noqa: F401  (registers the transformers adapter)
+from . import hf, mamba_ssm  # noqa: F401  (register the transformers and mamba_ssm adapters)
 from .base import adapter_for, runtime_of, supported_hosts
 
 __all__ = ["apply", "remove", "stats", "protect", "is_patched", "supported_hosts"]
