@@ -213,46 +213,45 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _model_options(parser, methods, default_method: str, reduction: bool) -> None:
+    parser.add_argument("--model", default="embedded",
+                        help="'embedded', a HF or mamba_ssm checkpoint directory, or a hub id")
+    parser.add_argument("--method", default=default_method, choices=methods)
+    if reduction:
+        parser.add_argument("--flops-reduction", type=float, default=0.2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import ssm_reduce
 
     parser = argparse.ArgumentParser(prog="ssm-reduce", description="Token reduction for Mamba / Mamba-2 models.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="dense vs reduced on the embedded model (offline, seconds on CPU)")
-    demo.add_argument("--model", default="embedded", help="'embedded', a local checkpoint directory or a hub id")
-    demo.add_argument("--method", default="utr", choices=ssm_reduce.METHODS)
-    demo.add_argument("--flops-reduction", type=float, default=0.2)
+    _model_options(demo, ssm_reduce.METHODS, "utr", reduction=True)
     demo.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")
     demo.add_argument("--new-tokens", type=int, default=48)
     demo.add_argument("--repeats", type=int, default=3)
-    demo.add_argument("--device", default="cpu")
-    demo.add_argument("--dtype", default="float32", choices=DTYPES)
     demo.set_defaults(func=cmd_demo)
     ppl = sub.add_parser("ppl", help="windowed perplexity, dense vs reduced (reduce the context, score the suffix)")
-    ppl.add_argument("--model", default="embedded", help="'embedded', a local checkpoint directory or a hub id")
-    ppl.add_argument("--method", default="utr", choices=ssm_reduce.METHODS)
-    ppl.add_argument("--flops-reduction", type=float, default=0.2)
+    _model_options(ppl, ssm_reduce.METHODS, "utr", reduction=True)
     ppl.add_argument("--window", type=int, default=1024)
     ppl.add_argument("--scored", type=int, default=128)
     ppl.add_argument("--windows", type=int, default=64, help="at most this many windows")
     ppl.add_argument("--text-file", default=None, help="default: the held-out standard-library files")
     ppl.add_argument("--batch-size", type=int, default=8)
-    ppl.add_argument("--device", default="cpu")
-    ppl.add_argument("--dtype", default="float32", choices=DTYPES)
     ppl.set_defaults(func=cmd_ppl)
     prune = sub.add_parser("prune", help="one-shot weight pruning (magnitude, wanda, sparsegpt, mrp)")
-    prune.add_argument("--model", default="embedded", help="'embedded', a local checkpoint directory or a hub id")
+    _model_options(prune, ("magnitude", "wanda", "sparsegpt", "mrp"), "mrp", reduction=False)
     target = prune.add_mutually_exclusive_group(required=True)
     target.add_argument("--sparsity", type=float, help="unstructured fraction of each row, in [0, 1)")
     target.add_argument("--pattern", help="N:M, e.g. 2:4")
-    prune.add_argument("--method", default="mrp", choices=("magnitude", "wanda", "sparsegpt", "mrp"))
     prune.add_argument("--calib", default="embedded", help="a text file, or 'embedded' (the embedded model's training text)")
     prune.add_argument("--nsamples", type=int, default=128)
     prune.add_argument("--seqlen", type=int, default=2048)
     prune.add_argument("--batch-size", type=int, default=8)
     prune.add_argument("--out", default=None, help="directory for the pruned model (save_pretrained) and report")
-    prune.add_argument("--device", default="cpu")
-    prune.add_argument("--dtype", default="float32", choices=DTYPES)
     prune.set_defaults(func=cmd_prune)
     sub.add_parser("eval", help="lm-eval with the ssm_reduce model registered (all lm-eval flags pass through)")
     info = sub.add_parser("info", help="versions, devices, kernels, supported models")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..runtime import Runtime
+from ..runtime import MATCHING_METHODS, Runtime
 
 RUNTIME_ATTR = "_ssm_reduce_runtime"
 HOOKS_ATTR = "_ssm_reduce_hooks"
@@ -69,26 +69,80 @@ def class_names(module: torch.nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__}
 
 
+def sources_to_capture(config) -> set[str]:
+    """The tensors inside the mixer (``ssm`` / ``gated``) a config reads at anchor layers."""
+    if config.method == "tor-official":  # the official metric is the mixer output itself
+        return set()
+    needed = {config.importance_source}
+    if config.method in MATCHING_METHODS:
+        needed.add(config.similarity_source)
+    needed.discard("block")
+    return needed
+
+
+def capture_hook(runtime: Runtime, name: str):
+    """A forward pre-hook that hands its module's first input to the open session as ``name``."""
+
+    def hook(module, args):
+        if runtime.session is not None:
+            runtime.session.capture(name, args[0])
+
+    return hook
+
+
 class Adapter:
-    """One host library's model family. Subclasses fill in the hooks below."""
+    """One host library's model family: a causal LM wrapping a backbone whose ``layers`` are blocks
+    with a ``mixer``. Subclasses name their mixins and where y is visible."""
 
     name: str = ""
     supported: tuple[str, ...] = ()
+    lm_mixin: type = object
+    backbone_mixin: type = object
 
     def matches(self, model: torch.nn.Module) -> bool:
         return bool(class_names(model) & set(self.supported))
 
+    @staticmethod
+    def backbone(model):
+        return model.backbone if hasattr(model, "backbone") and hasattr(model, "lm_head") else model
+
     def num_layers(self, model) -> int:
-        raise NotImplementedError
+        return len(self.backbone(model).layers)
 
     def conv_kernel(self, model) -> int:
         raise NotImplementedError
 
-    def patch(self, model, runtime: Runtime) -> None:
+    def block_mixin(self, model) -> type:
         raise NotImplementedError
 
-    def unpatch(self, model) -> None:
+    def ssm_source(self, mixer: torch.nn.Module) -> torch.nn.Module:
+        """The module whose input is the scan output y (``importance_source="ssm"``)."""
         raise NotImplementedError
+
+    def patch(self, model, runtime: Runtime) -> None:
+        backbone = self.backbone(model)
+        needed = sources_to_capture(runtime.config)
+        if backbone is not model:
+            swap_class(model, self.lm_mixin, runtime)
+        swap_class(backbone, self.backbone_mixin, runtime)
+        block_mixin = self.block_mixin(model)
+        for index, block in enumerate(backbone.layers):
+            if getattr(block, "layer_idx", None) is None:
+                block.layer_idx = index
+            swap_class(block, block_mixin, runtime)
+            if block.layer_idx not in runtime.resolved.anchors:
+                continue
+            for source in sorted(needed):
+                target = self.ssm_source(block.mixer) if source == "ssm" else block.mixer.out_proj
+                add_hook(block, target.register_forward_pre_hook(capture_hook(runtime, source)))
+
+    def unpatch(self, model) -> None:
+        backbone = self.backbone(model)
+        for block in backbone.layers:
+            restore_class(block)
+        restore_class(backbone)
+        if backbone is not model:
+            restore_class(model)
 
 
 _ADAPTERS: list[Adapter] = []

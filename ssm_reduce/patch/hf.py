@@ -26,8 +26,8 @@ from functools import lru_cache
 
 import torch
 
-from ..runtime import MATCHING_METHODS, Runtime, kept_positions_for
-from .base import PARENT_ATTR, Adapter, add_hook, register, restore_class, runtime_of, swap_class
+from ..runtime import Runtime, kept_positions_for
+from .base import PARENT_ATTR, Adapter, register, runtime_of
 
 _CAUSAL_LM = ("MambaForCausalLM", "Mamba2ForCausalLM")
 _BACKBONES = ("MambaModel", "Mamba2Model")
@@ -145,63 +145,22 @@ class _MambaBlockMixin(_BlockMixin):
     _ssm_reduce_mixer_kwargs = False
 
 
-def _capture_hook(runtime: Runtime, name: str):
-    def hook(module, args):
-        if runtime.session is not None:
-            runtime.session.capture(name, args[0])
-
-    return hook
-
-
 class TransformersAdapter(Adapter):
     name = "transformers"
     supported = _CAUSAL_LM + _BACKBONES
-
-    @staticmethod
-    def _is_mamba2(model) -> bool:
-        return type(model.config).__name__ == "Mamba2Config" or "Mamba2" in type(model).__name__
-
-    @staticmethod
-    def _backbone(model):
-        return model.backbone if hasattr(model, "backbone") and hasattr(model, "lm_head") else model
-
-    def num_layers(self, model) -> int:
-        return len(self._backbone(model).layers)
+    lm_mixin = _CausalLMMixin
+    backbone_mixin = _BackboneMixin
 
     def conv_kernel(self, model) -> int:
         return int(model.config.conv_kernel)
 
-    def patch(self, model, runtime: Runtime) -> None:
-        backbone = self._backbone(model)
-        mamba2 = self._is_mamba2(model)
-        config = runtime.config
-        needed = {config.importance_source}
-        if config.method in MATCHING_METHODS:
-            needed.add(config.similarity_source)
-        if config.method == "tor-official":
-            needed = set()
-        needed.discard("block")
-        if backbone is not model:
-            swap_class(model, _CausalLMMixin, runtime)
-        swap_class(backbone, _BackboneMixin, runtime)
-        for block in backbone.layers:
-            swap_class(block, _BlockMixin if mamba2 else _MambaBlockMixin, runtime)
-            if block.layer_idx not in runtime.resolved.anchors:
-                continue
-            for source in sorted(needed):
-                if source == "ssm" and mamba2:
-                    target = block.mixer.norm
-                else:
-                    target = block.mixer.out_proj
-                add_hook(block, target.register_forward_pre_hook(_capture_hook(runtime, source)))
+    def block_mixin(self, model) -> type:
+        mamba2 = type(model.config).__name__ == "Mamba2Config"
+        return _BlockMixin if mamba2 else _MambaBlockMixin
 
-    def unpatch(self, model) -> None:
-        backbone = self._backbone(model)
-        for block in backbone.layers:
-            restore_class(block)
-        restore_class(backbone)
-        if backbone is not model:
-            restore_class(model)
+    def ssm_source(self, mixer):
+        # Mamba-2: y enters the gated RMSNorm. Mamba-1 gates inside the scan: the nearest is out_proj's input.
+        return mixer.norm if hasattr(mixer, "norm") else mixer.out_proj
 
 
 register(TransformersAdapter())

@@ -26,8 +26,8 @@ from collections import namedtuple
 
 import torch
 
-from ..runtime import MATCHING_METHODS, Runtime, kept_positions_for
-from .base import Adapter, add_hook, register, restore_class, runtime_of, swap_class
+from ..runtime import Runtime, kept_positions_for
+from .base import Adapter, register, runtime_of
 from .hf import _keep_columns
 
 ReducedLMOutput = namedtuple("ReducedLMOutput", ["logits", "kept_positions"])
@@ -81,60 +81,22 @@ class _BlockMixin:
         return session.reduce(self.layer_idx, hidden_states, residual)
 
 
-def _capture_hook(runtime: Runtime, name: str):
-    def hook(module, args):
-        if runtime.session is not None:
-            runtime.session.capture(name, args[0])
-
-    return hook
-
-
 class MambaSsmAdapter(Adapter):
     name = "mamba_ssm"
     supported = ("MambaLMHeadModel", "MixerModel")
-
-    @staticmethod
-    def _backbone(model):
-        return model.backbone if hasattr(model, "backbone") and hasattr(model, "lm_head") else model
-
-    def num_layers(self, model) -> int:
-        return len(self._backbone(model).layers)
+    lm_mixin = _LMHeadMixin
+    backbone_mixin = _MixerModelMixin
 
     def conv_kernel(self, model) -> int:
-        mixer = self._backbone(model).layers[0].mixer
-        return int(getattr(mixer, "d_conv", 4))
+        return int(getattr(self.backbone(model).layers[0].mixer, "d_conv", 4))
 
-    def patch(self, model, runtime: Runtime) -> None:
-        backbone = self._backbone(model)
-        config = runtime.config
-        needed = {config.importance_source}
-        if config.method in MATCHING_METHODS:
-            needed.add(config.similarity_source)
-        if config.method == "tor-official":
-            needed = set()
-        needed.discard("block")
-        if backbone is not model:
-            swap_class(model, _LMHeadMixin, runtime)
-        swap_class(backbone, _MixerModelMixin, runtime)
-        for index, block in enumerate(backbone.layers):
-            if getattr(block, "layer_idx", None) is None:
-                block.layer_idx = index
-            swap_class(block, _BlockMixin, runtime)
-            if block.layer_idx not in runtime.resolved.anchors:
-                continue
-            mixer = block.mixer
-            for source in sorted(needed):
-                gated_norm = getattr(mixer, "norm", None)
-                target = gated_norm if source == "ssm" and gated_norm is not None else mixer.out_proj
-                add_hook(block, target.register_forward_pre_hook(_capture_hook(runtime, source)))
+    def block_mixin(self, model) -> type:
+        return _BlockMixin
 
-    def unpatch(self, model) -> None:
-        backbone = self._backbone(model)
-        for block in backbone.layers:
-            restore_class(block)
-        restore_class(backbone)
-        if backbone is not model:
-            restore_class(model)
+    def ssm_source(self, mixer):
+        # Mamba-2 (unfused path): y enters the gated RMSNorm; Mamba-1: out_proj's input, y * silu(z).
+        norm = getattr(mixer, "norm", None)
+        return norm if norm is not None else mixer.out_proj
 
 
 register(MambaSsmAdapter())

@@ -2,7 +2,7 @@
 
     import ssm_reduce
     report = ssm_reduce.prune(model, calib_ids, sparsity=0.5, method="mrp")   # or pattern="2:4"
-    print(report)
+    str(report)                                                                # a per-layer table
     new_w, mask, stats = ssm_reduce.prune.prune_linear(weight, hessian, pattern="2:4")
 
 This package is itself callable: ``ssm_reduce.prune(...)`` is ``prune_model(...)``.
