@@ -9,47 +9,149 @@ from __future__ import annotations
 import importlib
 import os
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
 from . import reference
 
-__all__ = ["match", "apply_plan", "kernel_status"]
+__all__ = ["match", "apply_plan", "scan_score_mamba2", "scan_score_mamba1", "kernel_status", "METRIC_CODES"]
+
+METRIC_CODES = {"clip": 0, "l1": 1, "l2": 2, "mean": 3}
+KERNEL_OPS = ("scan_score_mamba2", "scan_score_mamba1", "match", "apply_plan")
+
+
+def _disabled() -> bool:
+    # Read at every call, so a process can compare kernels against the references.
+    return os.environ.get("SSM_REDUCE_DISABLE_KERNELS", "0") not in ("", "0")
+
+
+def _load_extension():
+    """(module or None, reason) for the compiled extension ``ssm_reduce._C``."""
+    if _disabled():
+        return None, "disabled by SSM_REDUCE_DISABLE_KERNELS"
+    return _import_extension()
 
 
 @lru_cache(maxsize=None)
-def _load_extension():
-    """(module or None, reason) for the compiled extension ``ssm_reduce._C``."""
-    if os.environ.get("SSM_REDUCE_DISABLE_KERNELS", "0") not in ("", "0"):
-        return None, "disabled by SSM_REDUCE_DISABLE_KERNELS"
+def _import_extension():
     try:
         module = importlib.import_module("ssm_reduce._C")
     except ImportError as err:
         return None, f"extension ssm_reduce._C not built ({err}); set SSM_REDUCE_BUILD_CUDA=1 and reinstall on a CUDA machine"
+    _register_custom_ops(module)
     return module, "loaded"
+
+
+def _register_custom_ops(module) -> None:
+    """Expose the kernels as ``torch.ops.ssm_reduce.*`` custom ops with shape-only fake implementations,
+    so ``torch.compile`` traces through them and ``torch.library.opcheck`` can test them."""
+    from torch.library import custom_op
+
+    Tensor = torch.Tensor
+
+    @custom_op("ssm_reduce::scan_score_mamba2", mutates_args=())
+    def scan_score_mamba2_op(
+        x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+        dt_bias: Optional[Tensor], initial_state: Optional[Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
+        metric: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tuple(module.scan_score_mamba2(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max, metric))
+
+    @scan_score_mamba2_op.register_fake
+    def _(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max, metric):
+        b, l, h, p = x.shape
+        tiles = -(-p // 32)
+        part = x.new_empty(b, l, h * tiles, dtype=torch.float32)
+        return x.new_empty(b, l, h, p), x.new_empty(b, h, p, B.shape[-1], dtype=torch.float32), part, part.clone()
+
+    @custom_op("ssm_reduce::scan_score_mamba1", mutates_args=())
+    def scan_score_mamba1_op(
+        u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+        delta_bias: Optional[Tensor], initial_state: Optional[Tensor], delta_softplus: bool, metric: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tuple(module.scan_score_mamba1(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, metric))
+
+    @scan_score_mamba1_op.register_fake
+    def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, metric):
+        b, d, l = u.shape
+        part = u.new_empty(b, l, -(-d // 32), dtype=torch.float32)
+        return u.new_empty(b, d, l), u.new_empty(b, d, A.shape[1], dtype=torch.float32), part, part.clone()
+
+    @custom_op("ssm_reduce::match", mutates_args=())
+    def match_op(src: Tensor, dst: Tensor, src_mask: Tensor, dst_mask: Tensor) -> tuple[Tensor, Tensor]:
+        return tuple(module.match(src, dst, src_mask, dst_mask))
+
+    @match_op.register_fake
+    def _(src, dst, src_mask, dst_mask):
+        b, n = src.shape[:2]
+        return src.new_empty(b, n, dtype=torch.float32), src.new_empty(b, n, dtype=torch.long)
+
+    @custom_op("ssm_reduce::apply_plan", mutates_args=())
+    def apply_plan_op(x: Tensor, slot: Tensor, weight: Tensor, n_out: int) -> Tensor:
+        return module.apply_plan(x, slot, weight, n_out)
+
+    @apply_plan_op.register_fake
+    def _(x, slot, weight, n_out):
+        return x.new_empty(x.shape[0], n_out, x.shape[2])
 
 
 def kernel_status() -> dict:
     """Whether the compiled kernels are loaded, why not, and which ops they provide."""
     module, reason = _load_extension()
-    ops = sorted(name for name in ("match", "apply_plan", "scan_score") if module is not None and hasattr(module, name))
+    ops = sorted(name for name in KERNEL_OPS if module is not None and hasattr(module, name))
     return {"loaded": module is not None, "reason": reason, "ops": ops}
 
 
-def _kernel(name: str, *tensors: torch.Tensor):
+def _use_kernel(*tensors: torch.Tensor) -> bool:
     module, _ = _load_extension()
-    if module is None or not all(t.is_cuda for t in tensors):
-        return None
-    return getattr(module, name, None)
+    return module is not None and all(t.is_cuda for t in tensors)
 
 
 def match(src, dst, src_mask, dst_mask):
     """See ``reference.match``."""
-    fn = _kernel("match", src, dst)
-    return (fn or reference.match)(src, dst, src_mask, dst_mask)
+    if _use_kernel(src, dst):
+        return torch.ops.ssm_reduce.match(src, dst, src_mask, dst_mask)
+    return reference.match(src, dst, src_mask, dst_mask)
 
 
 def apply_plan(x, slot, weight, n_out):
     """See ``reference.apply_plan``."""
-    fn = _kernel("apply_plan", x)
-    return (fn or reference.apply_plan)(x, slot, weight, n_out)
+    if _use_kernel(x):
+        return torch.ops.ssm_reduce.apply_plan(x, slot, weight.float(), int(n_out))
+    return reference.apply_plan(x, slot, weight, n_out)
+
+
+def _finish_scores(score_part, sq_part, channels: int, metric: str):
+    total = score_part.sum(-1) / channels
+    return (total.sqrt() if metric == "l2" else total), sq_part.sum(-1)
+
+
+def _scan_supported(dstate: int) -> bool:
+    return dstate % 8 == 0 and dstate <= 256
+
+
+def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, dt_softplus=True,
+                      dt_min=0.0, dt_max=float("inf"), metric="clip"):
+    """See ``reference.scan_score_mamba2``."""
+    if not (_use_kernel(x, dt, B, C) and _scan_supported(B.shape[-1])):
+        return reference.scan_score_mamba2(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max, metric)
+    as_f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    y, state, part, sq = torch.ops.ssm_reduce.scan_score_mamba2(
+        x, dt.to(x.dtype), A.float().contiguous(), B.to(x.dtype), C.to(x.dtype), as_f32(D), z, as_f32(dt_bias),
+        initial_state, bool(dt_softplus), float(dt_min), float(dt_max), METRIC_CODES[metric],
+    )
+    return (y, state, *_finish_scores(part, sq, x.shape[2] * x.shape[3], metric))
+
+
+def scan_score_mamba1(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, delta_softplus=True,
+                      metric="clip"):
+    """See ``reference.scan_score_mamba1``."""
+    if not (_use_kernel(u, delta, B, C) and _scan_supported(A.shape[-1])):
+        return reference.scan_score_mamba1(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, metric)
+    as_f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    y, state, part, sq = torch.ops.ssm_reduce.scan_score_mamba1(
+        u, delta.to(u.dtype), A.float().contiguous(), B.to(u.dtype), C.to(u.dtype), as_f32(D), z, as_f32(delta_bias),
+        initial_state, bool(delta_softplus), METRIC_CODES[metric],
+    )
+    return (y, state, *_finish_scores(part, sq, u.shape[1], metric))

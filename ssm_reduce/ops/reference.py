@@ -6,6 +6,8 @@ extension is missing or the inputs are not on CUDA.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 # Rows of the source set processed at once by ``match``: bounds the similarity tile to
@@ -64,3 +66,117 @@ def apply_plan(x: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, n_out:
     contrib = x.float() * weight[..., None]
     out.scatter_add_(1, target[..., None].expand(-1, -1, dim), contrib)
     return out[:, :n_out].to(x.dtype)
+
+
+def _metric_over_channels(y: torch.Tensor, metric: str, dims) -> torch.Tensor:
+    """Importance metric of float32 ``y`` over the channel ``dims`` (see ssm_reduce.reduce.importance_scores)."""
+    if metric == "clip":
+        return y.clamp(min=0).mean(dims)
+    if metric == "l1":
+        return y.abs().mean(dims)
+    if metric == "l2":
+        return y.pow(2).mean(dims).sqrt()
+    if metric == "mean":
+        return y.mean(dims)
+    raise ValueError(f"metric={metric!r} is not supported; choose clip, l1, l2 or mean")
+
+
+def scan_score_mamba2(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    dt_softplus: bool = True,
+    dt_min: float = 0.0,
+    dt_max: float = float("inf"),
+    metric: str = "clip",
+):
+    """Mamba-2 selective scan forward with per-token scores, computed exactly step by step in float32.
+
+    Args:
+        x: (B, L, H, P).  dt: (B, L, H).  A: (H,) (negative).  B, C: (B, L, G, N), H divisible by G.
+        D: (H,) skip.  z: (B, L, H, P) gate.  dt_bias: (H,).  initial_state: (B, H, P, N).
+        dt_softplus / dt_min / dt_max: dt = clamp(softplus(dt + dt_bias), dt_min, dt_max).
+        metric: importance metric over the H * P channels of y (before the gate).
+    Returns:
+        y: (B, L, H, P) in x's dtype (times silu(z) when z is given); final_state: (B, H, P, N) float32;
+        score: (B, L) float32 metric of the pre-gate y; sqnorm: (B, L) float32 sum of its squares.
+    """
+    batch, seqlen, heads, _ = x.shape
+    groups = B.shape[2]
+    d = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+    if dt_softplus:
+        d = torch.nn.functional.softplus(d)
+    d = d.clamp(min=dt_min, max=dt_max)
+    decay = torch.exp(d * A.float())  # (B, L, H)
+    bh = B.float().repeat_interleave(heads // groups, dim=2)
+    ch = C.float().repeat_interleave(heads // groups, dim=2)
+    xf = x.float()
+    state = (
+        initial_state.float().clone()
+        if initial_state is not None
+        else x.new_zeros(batch, heads, x.shape[3], B.shape[3], dtype=torch.float32)
+    )
+    ys = []
+    for t in range(seqlen):
+        state = state * decay[:, t, :, None, None] + (d[:, t, :, None] * xf[:, t])[..., None] * bh[:, t, :, None, :]
+        ys.append((state * ch[:, t, :, None, :]).sum(-1))
+    y = torch.stack(ys, 1) if ys else xf.new_zeros(xf.shape)
+    if D is not None:
+        y = y + D.float()[None, None, :, None] * xf
+    score = _metric_over_channels(y, metric, (-2, -1))
+    sqnorm = y.pow(2).sum((-2, -1))
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.float())
+    return y.to(x.dtype), state, score, sqnorm
+
+
+def scan_score_mamba1(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    delta_softplus: bool = True,
+    metric: str = "clip",
+):
+    """Mamba-1 selective scan forward with per-token scores (float32, step by step).
+
+    Args:
+        u: (B, D, L).  delta: (B, D, L).  A: (D, N).  B, C: (B, N, L).  D: (D,).  z: (B, D, L).
+        delta_bias: (D,).  initial_state: (B, D, N).
+    Returns:
+        y: (B, D, L) in u's dtype (times silu(z) when given); final_state: (B, D, N) float32;
+        score, sqnorm: (B, L) float32, over the D channels of the pre-gate y.
+    """
+    batch, dim, seqlen = u.shape
+    d = delta.float() + (delta_bias.float()[None, :, None] if delta_bias is not None else 0.0)
+    if delta_softplus:
+        d = torch.nn.functional.softplus(d)
+    uf = u.float()
+    state = (
+        initial_state.float().clone()
+        if initial_state is not None
+        else u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32)
+    )
+    ys = []
+    for t in range(seqlen):
+        state = state * torch.exp(d[:, :, t, None] * A.float()) + (d[:, :, t] * uf[:, :, t])[..., None] * B.float()[:, None, :, t]
+        ys.append((state * C.float()[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, -1) if ys else uf.new_zeros(uf.shape)
+    if D is not None:
+        y = y + D.float()[None, :, None] * uf
+    score = _metric_over_channels(y, metric, 1)
+    sqnorm = y.pow(2).sum(1)
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.float())
+    return y.to(u.dtype), state, score, sqnorm
