@@ -40,6 +40,7 @@ class Session:
         self.n_real_after: dict[int, torch.Tensor] = {}
         self.n_real_input = state.n_real
         self.captured: dict[str, torch.Tensor] = {}
+        self.captured_scores: dict[tuple[str, str], torch.Tensor] = {}
         self.plans: dict[int, Plan] = {}
 
     @property
@@ -58,6 +59,16 @@ class Session:
     def capture(self, name: str, value: torch.Tensor) -> None:
         self.captured[name] = value
 
+    def capture_score(self, source: str, metric: str, score: torch.Tensor) -> None:
+        """A (B, N) importance already computed for ``source`` with ``metric`` (by the fused scan)."""
+        self.captured_scores[(source, metric)] = score
+
+    def _importance(self, config, hidden: torch.Tensor) -> torch.Tensor:
+        score = self.captured_scores.get((config.importance_source, config.importance))
+        if score is not None:
+            return score.float()
+        return importance_scores(self._source(config.importance_source, hidden), config.importance)
+
     def _source(self, name: str, block_output: torch.Tensor) -> torch.Tensor:
         if name == "block":
             return block_output
@@ -65,31 +76,37 @@ class Session:
             raise RuntimeError(f"the {name!r} source was not captured in this layer; is the mixer patched?")
         return self.captured[name]
 
+    def reduces_at(self, layer: int) -> bool:
+        """Whether anchor ``layer`` removes any token in this forward (known before its mixer runs:
+        budgets depend only on the tokens entering it). Anchors that remove nothing run the host's
+        block unchanged."""
+        runtime = self.runtime
+        if runtime.replay_plans is not None:
+            return layer in runtime.replay_plans
+        state, ratio = self.state, runtime.resolved.keep_ratio
+        if runtime.config.method == "tor-official":
+            n = state.n_real
+            return int(torch.minimum(n - torch.ceil(n.double() * ratio).long(), n // 2).max()) > 0
+        return int(budgets(state, ratio, runtime.config.method).max()) > 0
+
     def reduce(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor):
-        """Reduce the mixer output ``hidden`` and the ``residual`` (both (B, N, D)) after anchor ``layer``."""
+        """Reduce the mixer output ``hidden`` and the ``residual`` (both (B, N, D)) after anchor ``layer``
+        (which ``reduces_at`` said removes tokens)."""
         runtime = self.runtime
         config = runtime.resolved.config
         try:
             state = self.state = self.state.to(hidden.device)
             if runtime.replay_plans is not None:
-                if layer not in runtime.replay_plans:
-                    return hidden, residual
                 plan = runtime.replay_plans[layer].extend(state)
             elif config.method == "tor-official":
-                n = state.n_real
-                ratio = runtime.resolved.keep_ratio
-                would_remove = torch.minimum(n - torch.ceil(n.double() * ratio).long(), n // 2)
-                if int(would_remove.max()) <= 0:
-                    return hidden, residual
-                hidden, residual, self.state = official_reduce(hidden, residual, state, ratio, config.importance)
+                hidden, residual, self.state = official_reduce(hidden, residual, state, runtime.resolved.keep_ratio,
+                                                               config.importance)
                 self._after_reduction(layer)
                 return hidden, residual
             else:
                 r = budgets(state, runtime.resolved.keep_ratio, config.method)
-                if int(r.max()) <= 0:
-                    return hidden, residual
                 with torch.no_grad():
-                    importance = importance_scores(self._source(config.importance_source, hidden), config.importance)
+                    importance = self._importance(config, hidden)
                     features = None
                     if config.method in MATCHING_METHODS:
                         features = self._source(config.similarity_source, hidden)
@@ -106,6 +123,7 @@ class Session:
             return hidden, residual
         finally:
             self.captured.clear()
+            self.captured_scores.clear()
 
     def _after_reduction(self, layer: int) -> None:
         self.reduced = True
@@ -148,6 +166,8 @@ class Runtime:
         self.last_stats: Optional[dict] = None
         self.last_plans: dict[int, Plan] = {}
         self.replay_plans: Optional[dict[int, Plan]] = None
+        # Run anchor mixers through ssm_reduce.ops (fused scan + score): None = where the kernels run.
+        self.ops_mixer: Optional[bool] = None
         # (B, N') original indices of the output columns of the latest forward, decode steps included.
         self.last_kept: Optional[torch.Tensor] = None
 

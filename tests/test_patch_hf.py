@@ -245,12 +245,64 @@ def test_importance_sources_differ_and_work(model):
         ssm_reduce.apply(model, method="evit", keep_ratio=0.7, importance_source=source)
         kept[source] = model(ids).kept_positions
     assert not torch.equal(kept["gated"], kept["block"])
-    if type(model).__name__ == "Mamba2ForCausalLM":
-        assert not torch.equal(kept["ssm"], kept["gated"])  # y before the gate vs y * silu(z) after norm
-    else:
-        assert torch.equal(kept["ssm"], kept["gated"])  # Mamba-1: the nearest visible y is out_proj's input
+    assert not torch.equal(kept["ssm"], kept["gated"])  # y before the gate vs the gated input of out_proj
 
 
+@pytest.mark.parametrize("family_name", ["mamba2", "mamba"])
+@torch.no_grad()
+def test_ops_mixer_equals_the_host_mixer(family_name):
+    """The anchor path that scans through ssm_reduce.ops (the fused kernels on CUDA) computes the
+    host mixer's output and scores y before its gate."""
+    from ssm_reduce.patch.hf import _ops_mamba2_mixer, _ops_mamba_mixer
+    from ssm_reduce.reduce import importance_scores
+    from ssm_reduce.runtime import Runtime, Session, TokenState
+
+    model = FAMILIES[family_name]()
+    mixer = model.backbone.layers[1].mixer
+    x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(0))
+    config = ssm_reduce.ReduceConfig(keep_ratio=0.7, similarity_source="ssm").resolve(6, 4)
+    session = Session(Runtime(config), TokenState.initial(2, 37, torch.device("cpu")), torch.long)
+    fn = _ops_mamba2_mixer if family_name == "mamba2" else _ops_mamba_mixer
+    torch.testing.assert_close(fn(mixer, x, None, None, session), mixer(x), atol=1e-5, rtol=1e-5)
+    y = session.captured["ssm"]
+    assert torch.equal(session.captured_scores[("ssm", "clip")], importance_scores(y, "clip"))
+    if family_name == "mamba2":  # the host exposes y at its gated norm: the same tensor
+        seen = {}
+        handle = mixer.norm.register_forward_pre_hook(lambda m, a: seen.setdefault("y", a[0]))
+        mixer(x)
+        handle.remove()
+        torch.testing.assert_close(y, seen["y"], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_mamba2_anchors_through_ops_equal_the_host_path():
+    model = FAMILIES["mamba2"]()
+    ids, mask = left_padded(2, 48, [0, 6], seed=9)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7, similarity_source="ssm")
+    runtime = runtime_of(model)
+    results = []
+    for use_ops in (False, True):
+        runtime.ops_mixer = use_ops
+        out = model(ids, attention_mask=mask)
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        results.append((out, gen))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a.kept_positions, b.kept_positions)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(ga.sequences, gb.sequences)
+    torch.testing.assert_close(torch.stack(gb.logits), torch.stack(ga.logits), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_mamba1_ssm_source_needs_the_ops_path():
+    model = FAMILIES["mamba"]()
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    runtime_of(model).ops_mixer = False  # the host's Mamba-1 scan gates y inside: nothing to read
+    with pytest.raises(RuntimeError, match="'ssm' source was not captured"):
+        model(random_tokens(1, 40))
+    runtime_of(model).ops_mixer = None
+    assert model(random_tokens(1, 40)).logits.shape[1] < 40
 @torch.no_grad()
 def test_backbone_only(family):
     model = FAMILIES[family]()

@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 
-__all__ = ["match", "apply_plan", "scan_score_mamba2", "scan_score_mamba1", "kernel_status", "METRIC_CODES"]
+__all__ = ["match", "apply_plan", "scan_score_mamba2", "scan_score_mamba1", "kernel_status", "kernels_run_on", "METRIC_CODES"]
 
 METRIC_CODES = {"clip": 0, "l1": 1, "l2": 2, "mean": 3}
 KERNEL_OPS = ("scan_score_mamba2", "scan_score_mamba1", "match", "apply_plan")
@@ -101,6 +101,11 @@ def kernel_status() -> dict:
     module, reason = _load_extension()
     ops = sorted(name for name in KERNEL_OPS if module is not None and hasattr(module, name))
     return {"loaded": module is not None, "reason": reason, "ops": ops}
+
+
+def kernels_run_on(tensor: torch.Tensor) -> bool:
+    """Whether the compiled kernels would serve a tensor on this device."""
+    return _use_kernel(tensor)
 
 
 def _use_kernel(*tensors: torch.Tensor) -> bool:

@@ -115,8 +115,9 @@ class Adapter:
     def block_mixin(self, model) -> type:
         raise NotImplementedError
 
-    def ssm_source(self, mixer: torch.nn.Module) -> torch.nn.Module:
-        """The module whose input is the scan output y (``importance_source="ssm"``)."""
+    def ssm_source(self, mixer: torch.nn.Module) -> Optional[torch.nn.Module]:
+        """The module whose input is the scan output y (``importance_source="ssm"``), or None when the
+        adapter's anchor path captures y itself."""
         raise NotImplementedError
 
     def patch(self, model, runtime: Runtime) -> None:
@@ -134,7 +135,8 @@ class Adapter:
                 continue
             for source in sorted(needed):
                 target = self.ssm_source(block.mixer) if source == "ssm" else block.mixer.out_proj
-                add_hook(block, target.register_forward_pre_hook(capture_hook(runtime, source)))
+                if target is not None:  # None: the adapter captures y itself
+                    add_hook(block, target.register_forward_pre_hook(capture_hook(runtime, source)))
 
     def unpatch(self, model) -> None:
         backbone = self.backbone(model)

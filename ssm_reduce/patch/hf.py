@@ -10,21 +10,27 @@ Patched pieces (class swaps, undone by ``remove``):
   run norm -> mixer, then reduce the mixer output and the residual *separately* (with the same output
   positions) and only then add them — the host block returns their sum, so its forward is replaced.
 
-Importance sources inside the mixer (forward pre-hooks on anchor layers only):
+Importance sources inside the mixer (anchor layers only):
 
-* Mamba-2 ``ssm``: the scan output y (with the D skip) entering the gated RMSNorm — the paper's Eq. 5.
-* Mamba-1 ``ssm``: transformers' Mamba-1 scan applies the z gate inside the scan function, so y alone
-  is never materialised; the nearest visible tensor is the input of ``out_proj`` (y * silu(z)), which is
-  what ``ssm`` uses there (identical to ``gated``).
+* ``ssm``: the scan output y (with the D skip) before the gate — the paper's Eq. 5. Mamba-2 exposes it
+  at its gated RMSNorm (a forward pre-hook reads it). transformers' Mamba-1 scan applies the z gate
+  inside, so Mamba-1 anchors that need y run the mixer through ``ssm_reduce.ops.scan_score_mamba1``,
+  which returns y before the gate and its scores. Where the compiled kernels run (CUDA), every anchor
+  mixer takes that path (``scan_score_mamba2`` for Mamba-2): the score comes out of the scan itself.
 * ``gated``: the input of ``out_proj``.  ``block``: the mixer output.
+
+An anchor that removes nothing in a forward (too few candidates) runs the host's block unchanged.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 from functools import lru_cache
 
 import torch
+
+from .. import ops
 
 from ..runtime import Runtime, kept_positions_for
 from .base import PARENT_ATTR, Adapter, register, runtime_of
@@ -120,29 +126,114 @@ class _BackboneMixin:
         return out
 
 
+def _ops_mamba2_mixer(mixer, hidden_states, cache_params, attention_mask, session):
+    """transformers' Mamba2Mixer forward (prefill form) with the scan through ``ops.scan_score_mamba2``:
+    the fused kernel on CUDA returns the token scores with y. Caches are updated as the host does."""
+    host = sys.modules[type(mixer).__module__]
+    batch, seq_len, _ = hidden_states.shape
+    dtype = hidden_states.dtype
+    layer = mixer.layer_idx
+    recurrent_state = cache_params.get_recurrent_state(layer, state_idx=0) if cache_params is not None else None
+    projected = mixer.in_proj(host.apply_mask_to_padding_states(hidden_states, attention_mask))
+    gate, xbc, dt = projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    xbc = xbc.transpose(1, 2)
+    if cache_params is not None:
+        xbc = cache_params.update_conv_state(xbc, layer, conv_kernel_size=mixer.conv_kernel_size)
+    xbc = host.causal_conv1d_fn(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation=mixer.activation)
+    if cache_params is not None:
+        xbc = xbc[:, :, -seq_len:]
+    xbc = host.apply_mask_to_padding_states(xbc.transpose(1, 2), attention_mask)
+    groups_state = mixer.n_groups * mixer.ssm_state_size
+    x, b, c = torch.split(xbc, [mixer.intermediate_size, groups_state, groups_state], dim=-1)
+    metric = session.runtime.config.importance
+    y, final_state, score, _ = ops.scan_score_mamba2(
+        x.reshape(batch, seq_len, mixer.num_heads, mixer.head_dim), dt, -torch.exp(mixer.A_log.float()),
+        b.reshape(batch, seq_len, mixer.n_groups, -1), c.reshape(batch, seq_len, mixer.n_groups, -1),
+        D=mixer.D, dt_bias=mixer.dt_bias, initial_state=recurrent_state, dt_softplus=True,
+        dt_min=float(mixer.time_step_limit[0]), dt_max=float(mixer.time_step_limit[1]), metric=metric,
+    )
+    if cache_params is not None:
+        cache_params.update_recurrent_state(final_state.to(recurrent_state.dtype if recurrent_state is not None else final_state.dtype), layer_idx=layer)
+    y = y.reshape(batch, seq_len, -1)
+    session.capture("ssm", y)
+    session.capture_score("ssm", metric, score)
+    return mixer.out_proj(mixer.norm(y, gate).to(dtype))
+
+
+def _ops_mamba_mixer(mixer, hidden_states, cache_params, attention_mask, session):
+    """transformers' MambaMixer forward (prefill form) with the scan through ``ops.scan_score_mamba1``,
+    which exposes the scan output y before the z gate (the host's scan gates inside)."""
+    host = sys.modules[type(mixer).__module__]
+    seq_len = hidden_states.shape[1]
+    dtype = hidden_states.dtype
+    layer = mixer.layer_idx
+    projected = mixer.in_proj(host.apply_mask_to_padding_states(hidden_states, attention_mask)).transpose(1, 2)
+    xbc, gate = projected.chunk(2, dim=1)
+    if cache_params is not None:
+        xbc = cache_params.update_conv_state(xbc, layer, conv_kernel_size=mixer.conv_kernel_size)
+    xbc = host.causal_conv1d_fn(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation=mixer.activation)
+    if cache_params is not None:
+        xbc = xbc[:, :, -seq_len:]
+    xbc = host.apply_mask_to_padding_states(xbc.transpose(1, 2), attention_mask)
+    time_step, b, c = torch.split(
+        mixer.x_proj(xbc), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
+    )
+    time_step = mixer.dt_proj.weight @ time_step.transpose(1, 2)
+    config = session.runtime.config
+    need_y = config.similarity_source == "ssm"  # y itself, not only its score, is needed for matching
+    y, final_state, score, _ = ops.scan_score_mamba1(
+        xbc.transpose(1, 2), time_step, -torch.exp(mixer.A_log.float()), b.transpose(1, 2), c.transpose(1, 2),
+        D=mixer.D, z=None if need_y else gate, delta_bias=mixer.dt_proj.bias, delta_softplus=True,
+        metric=config.importance,
+    )
+    if cache_params is not None:
+        cache_params.update_recurrent_state(final_state, layer)
+    if need_y:
+        session.capture("ssm", y.transpose(1, 2))
+        y = y * torch.nn.functional.silu(gate)
+    session.capture_score("ssm", config.importance, score)
+    return mixer.out_proj(y.transpose(1, 2).to(dtype))
+
+
 class _BlockMixin:
     # Mamba-2 blocks forward their extra keyword arguments to the mixer, Mamba-1 blocks do not.
     _ssm_reduce_mixer_kwargs = True
+    # Anchors scan through ssm_reduce.ops where the kernels run; Mamba-1 anchors also whenever y is
+    # needed, since only that path exposes y before the gate.
+    _ssm_reduce_ops_mixer = staticmethod(_ops_mamba2_mixer)
+    _ssm_reduce_ops_always = False
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
         session = runtime_of(self).session
         if session is None:
             return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
         attention_mask = session.block_mask(attention_mask, hidden_states.device)
-        if self.layer_idx not in session.anchors:
+        if self.layer_idx not in session.anchors or not session.reduces_at(self.layer_idx):
             return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
         residual = hidden_states
         hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
-        mixer_kwargs = kwargs if self._ssm_reduce_mixer_kwargs else {}
-        hidden_states = self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **mixer_kwargs)
+        runtime = session.runtime
+        use_ops = runtime.ops_mixer
+        if use_ops is None:
+            needs_y = runtime.config.method != "tor-official" and "ssm" in (
+                runtime.config.importance_source, runtime.config.similarity_source
+            )
+            use_ops = (self._ssm_reduce_ops_always and needs_y) or ops.kernels_run_on(hidden_states)
+        if use_ops:
+            hidden_states = self._ssm_reduce_ops_mixer(self.mixer, hidden_states, cache_params, attention_mask, session)
+        else:
+            mixer_kwargs = kwargs if self._ssm_reduce_mixer_kwargs else {}
+            hidden_states = self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **mixer_kwargs)
         hidden_states, residual = session.reduce(self.layer_idx, hidden_states, residual)
         return residual + hidden_states
 
 
 class _MambaBlockMixin(_BlockMixin):
     _ssm_reduce_mixer_kwargs = False
+    _ssm_reduce_ops_mixer = staticmethod(_ops_mamba_mixer)
+    _ssm_reduce_ops_always = True
 
 
 class TransformersAdapter(Adapter):
@@ -159,8 +250,9 @@ class TransformersAdapter(Adapter):
         return _BlockMixin if mamba2 else _MambaBlockMixin
 
     def ssm_source(self, mixer):
-        # Mamba-2: y enters the gated RMSNorm. Mamba-1 gates inside the scan: the nearest is out_proj's input.
-        return mixer.norm if hasattr(mixer, "norm") else mixer.out_proj
+        # Mamba-2: y enters the gated RMSNorm. Mamba-1 anchors scan through ssm_reduce.ops, which
+        # captures y itself (the host's scan gates it inside).
+        return mixer.norm if hasattr(mixer, "norm") else None
 
 
 register(TransformersAdapter())

@@ -65,7 +65,7 @@ class _MixerModelMixin:
 class _BlockMixin:
     def forward(self, hidden_states, residual=None, inference_params=None, **mixer_kwargs):
         session = runtime_of(self).session
-        if session is None or self.layer_idx not in session.anchors:
+        if session is None or self.layer_idx not in session.anchors or not session.reduces_at(self.layer_idx):
             return super().forward(hidden_states, residual, inference_params=inference_params, **mixer_kwargs)
         mixer = self.mixer
         flags = {name: getattr(mixer, name) for name in _FAST_PATH_FLAGS if hasattr(mixer, name)}
