@@ -1,0 +1,176 @@
+"""Benchmarks of the CUDA kernels (GPU only), figures to eval/results/bench_kernels.json.
+
+* scan_score vs the best available scan: mamba_ssm's Triton ``mamba_chunk_scan_combined`` (Mamba-2)
+  and CUDA ``selective_scan_fn`` (Mamba-1) when mamba_ssm loads, else transformers' torch scans —
+  mamba2-2.7b (H=80, P=64, N=128, G=1) and mamba-2.8b (D=5120, N=16) shapes, bf16, B in {1, 16},
+  L in {512, 2048, 8192}. Target: no slower than the scan alone (the score is free).
+* match vs torch (normalise + bmm + masked argmax): time and peak memory.
+* apply_plan: bytes moved / time against the measured device-to-device copy bandwidth (target >= 70%).
+* end to end: prefill of the mamba2-2.7b shape (random weights), B=16, L=2048, F in {0.1, 0.2, 0.3},
+  speed-up over dense against 1 / (1 - F).
+
+    python eval/bench_kernels.py                 # everything
+    python eval/bench_kernels.py --only scan match
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+import ssm_reduce  # noqa: E402
+from ssm_reduce import ops  # noqa: E402
+
+
+def cuda_time(fn, repeats=10, warmup=3) -> float:
+    """Median milliseconds of ``fn`` measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return harness.median(times)
+
+
+def mamba2_scan_baseline():
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        return "mamba_ssm mamba_chunk_scan_combined", mamba_chunk_scan_combined
+    except ImportError:
+        from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+        return "transformers torch mamba2_chunk_scan (mamba_ssm not importable)", mamba2_chunk_scan
+
+
+def bench_scan(rows):
+    name, baseline = mamba2_scan_baseline()
+    h, p, n, g = 80, 64, 128, 1
+    for b in (1, 16):
+        for l in (512, 2048, 8192):
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            r = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+            x, dt, B, C = r(b, l, h, p), r(b, l, h), r(b, l, g, n), r(b, l, g, n)
+            A, D, bias = -torch.rand(h, device="cuda") - 0.1, torch.randn(h, device="cuda"), torch.randn(h, device="cuda")
+            ours = cuda_time(lambda: ops.scan_score_mamba2(x, dt, A, B, C, D=D, dt_bias=bias))
+            theirs = cuda_time(lambda: baseline(x, dt, A, B, C, chunk_size=256, D=D, dt_bias=bias, dt_softplus=True))
+            rows.append({"op": "scan_score_mamba2", "batch": b, "seqlen": l, "ms": ours, "baseline": name,
+                         "baseline_ms": theirs, "ratio": ours / theirs})
+            print(f"scan_score_mamba2 B={b} L={l}: {ours:.3f} ms vs {theirs:.3f} ms ({name})", flush=True)
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        m1_name = "mamba_ssm selective_scan_fn"
+    except ImportError:
+        from transformers.models.mamba.modeling_mamba import mamba_selective_scan as selective_scan_fn
+
+        m1_name = "transformers torch mamba_selective_scan (mamba_ssm not importable)"
+    d, n1 = 5120, 16
+    for b in (1, 16):
+        for l in (512, 2048):
+            gen = torch.Generator(device="cuda").manual_seed(1)
+            r = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+            u, delta, B, C, z = r(b, d, l), r(b, d, l), r(b, n1, l), r(b, n1, l), r(b, d, l)
+            A, D, bias = -torch.rand(d, n1, device="cuda"), torch.randn(d, device="cuda"), torch.randn(d, device="cuda")
+            ours = cuda_time(lambda: ops.scan_score_mamba1(u, delta, A, B, C, D=D, z=z, delta_bias=bias))
+            theirs = cuda_time(lambda: selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True))
+            rows.append({"op": "scan_score_mamba1", "batch": b, "seqlen": l, "ms": ours, "baseline": m1_name,
+                         "baseline_ms": theirs, "ratio": ours / theirs})
+            print(f"scan_score_mamba1 B={b} L={l}: {ours:.3f} ms vs {theirs:.3f} ms ({m1_name})", flush=True)
+
+
+def torch_match(src, dst, src_mask, dst_mask):
+    sim = torch.nn.functional.normalize(src, dim=-1) @ torch.nn.functional.normalize(dst, dim=-1).transpose(1, 2)
+    sim = sim.masked_fill(~dst_mask[:, None, :], float("-inf"))
+    best, idx = sim.max(-1)
+    return best.masked_fill(~src_mask, float("-inf")), idx
+
+
+def bench_match(rows):
+    for b, n, dim in ((16, 1024, 2560), (16, 4096, 2560), (1, 4096, 2560)):
+        src = torch.randn(b, n, dim, device="cuda", dtype=torch.bfloat16)
+        dst = torch.randn(b, n, dim, device="cuda", dtype=torch.bfloat16)
+        masks = torch.ones(b, n, dtype=torch.bool, device="cuda"), torch.ones(b, n, dtype=torch.bool, device="cuda")
+        out = {}
+        for label, fn in (("kernel", ops.match), ("torch", torch_match)):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn(src, dst, *masks)
+            torch.cuda.synchronize()
+            out[label] = (cuda_time(lambda: fn(src, dst, *masks)), torch.cuda.max_memory_allocated() - base)
+        rows.append({"op": "match", "batch": b, "tokens": n, "dim": dim, "kernel_ms": out["kernel"][0],
+                     "torch_ms": out["torch"][0], "kernel_peak_bytes": out["kernel"][1], "torch_peak_bytes": out["torch"][1]})
+        print(f"match B={b} N={n}: kernel {out['kernel'][0]:.3f} ms / {out['kernel'][1] / 2**20:.0f} MiB, "
+              f"torch {out['torch'][0]:.3f} ms / {out['torch'][1] / 2**20:.0f} MiB", flush=True)
+
+
+def bench_apply_plan(rows):
+    from ssm_reduce.reduce import TokenState, budgets, build_plan, select
+
+    b, n, dim = 16, 2048, 2560
+    state = TokenState.initial(b, n, torch.device("cuda"), protect_last=3)
+    imp = torch.rand(b, n, device="cuda")
+    feats = torch.randn(b, n, 64, device="cuda")
+    plan = build_plan(state, select("utr", state, budgets(state, 0.9, "utr"), imp, feats), imp, 0.5, 0.0)
+    x = torch.randn(b, n, dim, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_time(lambda: ops.apply_plan(x, plan.slot, plan.hidden_weight, plan.n_out))
+    copy_ms = cuda_time(lambda: x.clone())
+    moved = x.numel() * x.element_size() + b * plan.n_out * dim * x.element_size()
+    copy_bw = 2 * x.numel() * x.element_size() / (copy_ms / 1e3)
+    bw = moved / (ms / 1e3)
+    rows.append({"op": "apply_plan", "batch": b, "tokens": n, "dim": dim, "ms": ms, "bytes": moved,
+                 "bandwidth_GBps": bw / 1e9, "copy_bandwidth_GBps": copy_bw / 1e9, "fraction_of_copy": bw / copy_bw})
+    print(f"apply_plan: {ms:.3f} ms, {bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy ({copy_bw / 1e9:.0f} GB/s)", flush=True)
+
+
+def bench_end_to_end(rows):
+    from ssm_reduce.shapes import random_model
+
+    model = random_model("mamba2-2.7b", device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 50000, (16, 2048), device="cuda")
+    with torch.no_grad():
+        dense = cuda_time(lambda: model(ids, logits_to_keep=1, use_cache=False), repeats=5, warmup=2)
+        for target in (0.1, 0.2, 0.3):
+            ssm_reduce.apply(model, method="utr", flops_reduction=target)
+            reduced = cuda_time(lambda: model(ids, logits_to_keep=1, use_cache=False), repeats=5, warmup=2)
+            realised = ssm_reduce.stats(model)["realised_flops_reduction"]
+            ssm_reduce.remove(model)
+            speedup = dense / reduced
+            rows.append({"op": "end_to_end_prefill", "shape": "mamba2-2.7b", "batch": 16, "seqlen": 2048,
+                         "flops_reduction": target, "realised": realised, "dense_ms": dense, "reduced_ms": reduced,
+                         "speedup": speedup, "ideal": 1 / (1 - realised), "fraction_of_ideal": speedup * (1 - realised)})
+            print(f"prefill F={target}: {speedup:.3f}x (ideal {1 / (1 - realised):.3f}x)", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", default=["scan", "match", "apply_plan", "end_to_end"])
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() or not ops.kernel_status()["loaded"]:
+        raise SystemExit(f"needs CUDA and the compiled kernels: {ops.kernel_status()['reason']}")
+    rows = []
+    for name, fn in (("scan", bench_scan), ("match", bench_match), ("apply_plan", bench_apply_plan),
+                     ("end_to_end", bench_end_to_end)):
+        if name in args.only:
+            fn(rows)
+    path = harness.save("bench_kernels", {"benchmark": "CUDA kernels", "environment": harness.environment("cuda"),
+                                          "results": rows}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
