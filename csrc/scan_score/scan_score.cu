@@ -23,6 +23,25 @@ constexpr int kTile = 32;     // channels per CTA (one warp lane per channel in 
 constexpr int kSplit = 8;     // lanes per channel
 constexpr int kChunk = 16;    // time steps staged per chunk
 
+// Per token of the staged chunk, the tile's sums of the importance term and of y^2 over its channels
+// (one warp per token, one lane per channel). ``index(tt)`` gives the output slot of token tt.
+template <typename Index>
+__device__ __forceinline__ void write_score_partials(const float *y_s, int T, int valid_channels, int metric,
+                                                     float *score_part, float *sq_part, Index index) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+    for (int tt = warp; tt < T; tt += nwarps) {
+        const bool valid = lane < valid_channels;
+        const float v = valid ? y_s[tt * kTile + lane] : 0.f;
+        const float term = group_sum<32>(valid ? metric_term(v, metric) : 0.f);
+        const float sq = group_sum<32>(v * v);
+        if (lane == 0) {
+            const int64_t o = index(tt);
+            score_part[o] = term;
+            sq_part[o] = sq;
+        }
+    }
+}
+
 struct Mamba2Params {
     const void *x, *z, *dt, *B, *C;
     const float *A, *D, *dt_bias, *init;
@@ -107,18 +126,9 @@ __global__ void __launch_bounds__(kTile * kSplit) scan_score_mamba2_kernel(Mamba
             if (z) out *= silu(static_cast<float>(z[b * p.z_b + t * p.z_l + h * p.z_h + pc * p.z_p]));
             y[(((int64_t)b * p.seqlen + t) * p.nheads + h) * p.headdim + pc] = static_cast<scalar_t>(out);
         }
-        const int warp = tid / 32, lane = tid % 32, nwarps = blockDim.x / 32;
-        for (int tt = warp; tt < T; tt += nwarps) {
-            const bool valid = tile * kTile + lane < p.headdim;
-            const float v = valid ? y_s[tt * kTile + lane] : 0.f;
-            const float term = group_sum<32>(valid ? metric_term(v, p.metric) : 0.f);
-            const float sq = group_sum<32>(v * v);
-            if (lane == 0) {
-                const int64_t o = (((int64_t)b * p.seqlen + t0 + tt) * p.nheads + h) * p.ntiles + tile;
-                p.score_part[o] = term;
-                p.sq_part[o] = sq;
-            }
-        }
+        write_score_partials(y_s, T, p.headdim - tile * kTile, p.metric, p.score_part, p.sq_part, [&](int tt) {
+            return (((int64_t)b * p.seqlen + t0 + tt) * p.nheads + h) * p.ntiles + tile;
+        });
         __syncthreads();
     }
     if (active) {
@@ -215,18 +225,8 @@ __global__ void __launch_bounds__(kTile * kSplit) scan_score_mamba1_kernel(Mamba
             if (z) out *= silu(static_cast<float>(z[b * p.z_b + dc * p.z_d + t * p.z_l]));
             y[((int64_t)b * p.dim + dc) * p.seqlen + t] = static_cast<scalar_t>(out);
         }
-        const int warp = tid / 32, lane = tid % 32, nwarps = blockDim.x / 32;
-        for (int tt = warp; tt < T; tt += nwarps) {
-            const bool valid = tile * kTile + lane < p.dim;
-            const float v = valid ? y_s[tt * kTile + lane] : 0.f;
-            const float term = group_sum<32>(valid ? metric_term(v, p.metric) : 0.f);
-            const float sq = group_sum<32>(v * v);
-            if (lane == 0) {
-                const int64_t o = ((int64_t)b * p.seqlen + t0 + tt) * p.ntiles + tile;
-                p.score_part[o] = term;
-                p.sq_part[o] = sq;
-            }
-        }
+        write_score_partials(y_s, T, p.dim - tile * kTile, p.metric, p.score_part, p.sq_part,
+                             [&](int tt) { return ((int64_t)b * p.seqlen + t0 + tt) * p.ntiles + tile; });
         __syncthreads();
     }
     if (active) {
@@ -240,37 +240,35 @@ __global__ void __launch_bounds__(kTile * kSplit) scan_score_mamba1_kernel(Mamba
 
 namespace {
 
-template <template <typename, int> class Launch, typename scalar_t, typename Params>
-void launch_per(int per, Params params, dim3 grid, size_t smem, cudaStream_t stream) {
+// One instantiation per states-per-lane count: the state lives in registers, indexed at compile time.
+template <typename scalar_t, int PER, typename Params>
+void launch_one(void (*kernel)(Params), const Params &p, dim3 grid, size_t smem, cudaStream_t stream) {
+    if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, kTile * kSplit, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename Params, template <typename, int> class Kernel>
+void launch_per(int per, const Params &p, dim3 grid, size_t smem, cudaStream_t stream) {
     switch (per) {
-        case 1: Launch<scalar_t, 1>::run(params, grid, smem, stream); break;
-        case 2: Launch<scalar_t, 2>::run(params, grid, smem, stream); break;
-        case 4: Launch<scalar_t, 4>::run(params, grid, smem, stream); break;
-        case 8: Launch<scalar_t, 8>::run(params, grid, smem, stream); break;
-        case 16: Launch<scalar_t, 16>::run(params, grid, smem, stream); break;
-        case 32: Launch<scalar_t, 32>::run(params, grid, smem, stream); break;
+        case 1: launch_one<scalar_t, 1>(Kernel<scalar_t, 1>::fn, p, grid, smem, stream); break;
+        case 2: launch_one<scalar_t, 2>(Kernel<scalar_t, 2>::fn, p, grid, smem, stream); break;
+        case 4: launch_one<scalar_t, 4>(Kernel<scalar_t, 4>::fn, p, grid, smem, stream); break;
+        case 8: launch_one<scalar_t, 8>(Kernel<scalar_t, 8>::fn, p, grid, smem, stream); break;
+        case 16: launch_one<scalar_t, 16>(Kernel<scalar_t, 16>::fn, p, grid, smem, stream); break;
+        case 32: launch_one<scalar_t, 32>(Kernel<scalar_t, 32>::fn, p, grid, smem, stream); break;
         default: TORCH_CHECK(false, "scan_score: dstate / ", kSplit, " must be 1, 2, 4, 8, 16 or 32, got ", per);
     }
 }
 
 template <typename scalar_t, int PER>
-struct LaunchMamba2 {
-    static void run(const Mamba2Params &p, dim3 grid, size_t smem, cudaStream_t stream) {
-        auto kernel = scan_score_mamba2_kernel<scalar_t, PER>;
-        if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        kernel<<<grid, kTile * kSplit, smem, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+struct Mamba2Kernel {
+    static constexpr auto fn = scan_score_mamba2_kernel<scalar_t, PER>;
 };
 
 template <typename scalar_t, int PER>
-struct LaunchMamba1 {
-    static void run(const Mamba1Params &p, dim3 grid, size_t smem, cudaStream_t stream) {
-        auto kernel = scan_score_mamba1_kernel<scalar_t, PER>;
-        if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        kernel<<<grid, kTile * kSplit, smem, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+struct Mamba1Kernel {
+    static constexpr auto fn = scan_score_mamba1_kernel<scalar_t, PER>;
 };
 
 const float *optional_float(const c10::optional<at::Tensor> &t) {
@@ -336,7 +334,7 @@ std::vector<at::Tensor> scan_score_mamba2(const at::Tensor &x, const at::Tensor 
     const dim3 grid(ntiles, nheads, batch);
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scan_score_mamba2", [&] {
-        launch_per<LaunchMamba2, scalar_t>(dstate / kSplit, p, grid, smem, stream);
+        launch_per<scalar_t, Mamba2Params, Mamba2Kernel>(dstate / kSplit, p, grid, smem, stream);
     });
     return {y, final_state, score_part, sq_part};
 }
@@ -394,7 +392,7 @@ std::vector<at::Tensor> scan_score_mamba1(const at::Tensor &u, const at::Tensor 
     const dim3 grid(ntiles, batch);
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "scan_score_mamba1", [&] {
-        launch_per<LaunchMamba1, scalar_t>(dstate / kSplit, p, grid, smem, stream);
+        launch_per<scalar_t, Mamba1Params, Mamba1Kernel>(dstate / kSplit, p, grid, smem, stream);
     });
     return {y, final_state, score_part, sq_part};
 }

@@ -127,13 +127,8 @@ def scan_score_mamba2(
         state = state * decay[:, t, :, None, None] + (d[:, t, :, None] * xf[:, t])[..., None] * bh[:, t, :, None, :]
         ys.append((state * ch[:, t, :, None, :]).sum(-1))
     y = torch.stack(ys, 1) if ys else xf.new_zeros(xf.shape)
-    if D is not None:
-        y = y + D.float()[None, None, :, None] * xf
-    score = _metric_over_channels(y, metric, (-2, -1))
-    sqnorm = y.pow(2).sum((-2, -1))
-    if z is not None:
-        y = y * torch.nn.functional.silu(z.float())
-    return y.to(x.dtype), state, score, sqnorm
+    skip = D.float()[None, None, :, None] if D is not None else None
+    return _finish_scan(y, xf, skip, z, state, metric, (-2, -1), x.dtype)
 
 
 def scan_score_mamba1(
@@ -173,10 +168,16 @@ def scan_score_mamba1(
         state = state * torch.exp(d[:, :, t, None] * A.float()) + (d[:, :, t] * uf[:, :, t])[..., None] * B.float()[:, None, :, t]
         ys.append((state * C.float()[:, None, :, t]).sum(-1))
     y = torch.stack(ys, -1) if ys else uf.new_zeros(uf.shape)
-    if D is not None:
-        y = y + D.float()[None, :, None] * uf
-    score = _metric_over_channels(y, metric, 1)
-    sqnorm = y.pow(2).sum(1)
+    skip = D.float()[None, :, None] if D is not None else None
+    return _finish_scan(y, uf, skip, z, state, metric, 1, u.dtype)
+
+
+def _finish_scan(y, x, skip, z, state, metric, channel_dims, dtype):
+    """Add the D skip, score y over its channels, then gate: (y, final_state, score, sqnorm)."""
+    if skip is not None:
+        y = y + skip * x
+    score = _metric_over_channels(y, metric, channel_dims)
+    sqnorm = y.pow(2).sum(channel_dims)
     if z is not None:
         y = y * torch.nn.functional.silu(z.float())
-    return y.to(u.dtype), state, score, sqnorm
+    return y.to(dtype), state, score, sqnorm

@@ -126,6 +126,16 @@ class _BackboneMixin:
         return out
 
 
+def _causal_conv(mixer, host, xbc, cache_params, attention_mask):
+    """The host mixer's causal conv of (B, C, L) ``xbc`` in prefill form, caching its conv state;
+    returns (B, L, C) with padding zeroed."""
+    seq_len = xbc.shape[-1]
+    if cache_params is not None:
+        xbc = cache_params.update_conv_state(xbc, mixer.layer_idx, conv_kernel_size=mixer.conv_kernel_size)
+    xbc = host.causal_conv1d_fn(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation=mixer.activation)
+    return host.apply_mask_to_padding_states(xbc[:, :, -seq_len:].transpose(1, 2), attention_mask)
+
+
 def _ops_mamba2_mixer(mixer, hidden_states, cache_params, attention_mask, session):
     """transformers' Mamba2Mixer forward (prefill form) with the scan through ``ops.scan_score_mamba2``:
     the fused kernel on CUDA returns the token scores with y. Caches are updated as the host does."""
@@ -136,13 +146,7 @@ def _ops_mamba2_mixer(mixer, hidden_states, cache_params, attention_mask, sessio
     recurrent_state = cache_params.get_recurrent_state(layer, state_idx=0) if cache_params is not None else None
     projected = mixer.in_proj(host.apply_mask_to_padding_states(hidden_states, attention_mask))
     gate, xbc, dt = projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
-    xbc = xbc.transpose(1, 2)
-    if cache_params is not None:
-        xbc = cache_params.update_conv_state(xbc, layer, conv_kernel_size=mixer.conv_kernel_size)
-    xbc = host.causal_conv1d_fn(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation=mixer.activation)
-    if cache_params is not None:
-        xbc = xbc[:, :, -seq_len:]
-    xbc = host.apply_mask_to_padding_states(xbc.transpose(1, 2), attention_mask)
+    xbc = _causal_conv(mixer, host, xbc.transpose(1, 2), cache_params, attention_mask)
     groups_state = mixer.n_groups * mixer.ssm_state_size
     x, b, c = torch.split(xbc, [mixer.intermediate_size, groups_state, groups_state], dim=-1)
     metric = session.runtime.config.importance
@@ -153,7 +157,7 @@ def _ops_mamba2_mixer(mixer, hidden_states, cache_params, attention_mask, sessio
         dt_min=float(mixer.time_step_limit[0]), dt_max=float(mixer.time_step_limit[1]), metric=metric,
     )
     if cache_params is not None:
-        cache_params.update_recurrent_state(final_state.to(recurrent_state.dtype if recurrent_state is not None else final_state.dtype), layer_idx=layer)
+        cache_params.update_recurrent_state(final_state, layer_idx=layer)
     y = y.reshape(batch, seq_len, -1)
     session.capture("ssm", y)
     session.capture_score("ssm", metric, score)
@@ -164,17 +168,10 @@ def _ops_mamba_mixer(mixer, hidden_states, cache_params, attention_mask, session
     """transformers' MambaMixer forward (prefill form) with the scan through ``ops.scan_score_mamba1``,
     which exposes the scan output y before the z gate (the host's scan gates inside)."""
     host = sys.modules[type(mixer).__module__]
-    seq_len = hidden_states.shape[1]
     dtype = hidden_states.dtype
-    layer = mixer.layer_idx
     projected = mixer.in_proj(host.apply_mask_to_padding_states(hidden_states, attention_mask)).transpose(1, 2)
     xbc, gate = projected.chunk(2, dim=1)
-    if cache_params is not None:
-        xbc = cache_params.update_conv_state(xbc, layer, conv_kernel_size=mixer.conv_kernel_size)
-    xbc = host.causal_conv1d_fn(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation=mixer.activation)
-    if cache_params is not None:
-        xbc = xbc[:, :, -seq_len:]
-    xbc = host.apply_mask_to_padding_states(xbc.transpose(1, 2), attention_mask)
+    xbc = _causal_conv(mixer, host, xbc, cache_params, attention_mask)
     time_step, b, c = torch.split(
         mixer.x_proj(xbc), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
     )
@@ -187,7 +184,7 @@ def _ops_mamba_mixer(mixer, hidden_states, cache_params, attention_mask, session
         metric=config.importance,
     )
     if cache_params is not None:
-        cache_params.update_recurrent_state(final_state, layer)
+        cache_params.update_recurrent_state(final_state, mixer.layer_idx)
     if need_y:
         session.capture("ssm", y.transpose(1, 2))
         y = y * torch.nn.functional.silu(gate)
