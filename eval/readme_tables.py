@@ -1,0 +1,124 @@
+"""Render the README's result tables from eval/results/*.json (between <!-- results:NAME --> markers),
+so that the README always quotes the saved figures.
+
+    python eval/readme_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "eval" / "results"
+
+
+def _load(name):
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _env(payload) -> str:
+    env = payload["environment"]
+    where = env.get("gpu") or f"{env['cpu']}, {env['cpu_threads']} threads"
+    return f"*{where}; torch {env['torch']}, transformers {env['transformers']}; `{env['command']}`*"
+
+
+def bench_table() -> str | None:
+    payload = _load("bench_mamba2-130m_cpu_float32_b1_l2048.json")
+    if payload is None:
+        return None
+    lines = ["| method | target F | realised F | dense s | reduced s | reduced / dense | ideal (1 − F) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in payload["results"]:
+        lines.append(f"| {r['method']} | {r['target_flops_reduction']:.1f} | {r['realised_flops_reduction']:.3f} | "
+                     f"{r['dense_median_s']:.2f} | {r['reduced_median_s']:.2f} | **{r['median_ratio']:.3f}** | "
+                     f"{r['ideal_ratio']:.3f} |")
+    return (f"Prefill of the mamba2-130m shape (random weights), batch 1 × {payload['seqlen']} tokens, "
+            f"`logits_to_keep=1`, {payload['dtype']}, dense and reduced timed alternately "
+            f"({payload['repeats']} pairs, median of the per-pair ratios):\n\n" + "\n".join(lines) + "\n\n" + _env(payload))
+
+
+def speed_table() -> str | None:
+    payload = _load("speed_cpu.json")
+    if payload is None:
+        return None
+    lines = ["| shape | F | prefill speed-up | generation speed-up | peak memory | memory reduction |",
+             "|---|---|---|---|---|---|"]
+    for res in payload["results"]:
+        prefill = {r["flops_reduction"]: r for r in res.get("prefill", {}).get("rows", [])}
+        gen = {r["flops_reduction"]: r for r in res.get("generate", {}).get("rows", [])}
+        mem = {r["flops_reduction"]: r for r in res.get("memory", {}).get("rows", [])}
+        for f in sorted(set(prefill) | set(gen) | set(mem)):
+            p, g, m = prefill.get(f), gen.get(f), mem.get(f)
+            lines.append(
+                f"| {res['shape']} | {f:.1f} | {p['speedup']:.2f}× | {g['speedup']:.2f}× | "
+                f"{m['peak_bytes'] / 2**20:.0f} MiB | {100 * m['reduction']:.1f}% |" if p and g and m else
+                f"| {res['shape']} | {f:.1f} | – | – | – | – |"
+            )
+    sizes = payload["sizes"]
+    return (f"CPU-sized protocols: prefill {sizes['prefill'][0]} × {sizes['prefill'][1]}, generation "
+            f"{sizes['generate'][0]} × {sizes['generate'][1]} + {sizes['generate'][2]} new tokens, peak memory of one "
+            f"full-logits forward of {sizes['memory'][0]} × {sizes['memory'][1]} (resident-set growth); method "
+            f"{payload['method']}:\n\n" + "\n".join(lines) + "\n\n" + _env(payload))
+
+
+def accuracy_table() -> str | None:
+    payload = _load("accuracy_embedded.json")
+    md = RESULTS / "accuracy_embedded.md"
+    if payload is None or not md.exists():
+        return None
+    proto = payload["perplexity_protocol"]
+    return (f"The embedded model on its held-out tasks ({payload['limit'] or 'all'} items per task) and the "
+            f"perplexity protocol ({proto['windows']} windows of {proto['window']} bytes, last {proto['scored']} "
+            f"scored); realised F is measured on the perplexity windows:\n\n" + md.read_text().strip() + "\n\n"
+            "![accuracy vs FLOPs reduction](eval/results/accuracy_embedded.png)\n\n" + _env(payload))
+
+
+def prune_tables() -> str | None:
+    layer = _load("bench_prune_cpu.json")
+    model = _load("prune_embedded.json")
+    parts = []
+    if layer is not None:
+        lines = ["| target | mean mrp / sparsegpt layer error |", "|---|---|"]
+        lines += [f"| {k} | {v['mean_mrp_over_sparsegpt_error']:.3f} |" for k, v in layer["summary"].items()]
+        timing = ["| layer | target | " + " | ".join(f"{m} s" for m in ("magnitude", "wanda", "sparsegpt", "mrp"))
+                  + " | mrp / sparsegpt time |", "|---|---|---|---|---|---|---|"]
+        for r in layer["timings"]:
+            timing.append(f"| {r['shape']} {r['layer']} {r['size'][0]}×{r['size'][1]} | {r['target']} | " + " | ".join(
+                f"{r[m]['seconds']:.2f}" for m in ("magnitude", "wanda", "sparsegpt", "mrp"))
+                + f" | {r['mrp_time_over_sparsegpt']:.1f}× |")
+        parts.append("Layer level — relative error ‖WX − W'X‖²/‖WX‖² on the embedded model's own inputs "
+                     "(in_proj and out_proj of three blocks), MRP against SparseGPT:\n\n" + "\n".join(lines)
+                     + "\n\nTime on random layers of the mamba2-130m shape:\n\n" + "\n".join(timing) + "\n\n" + _env(layer))
+    if model is not None:
+        md = (RESULTS / "prune_embedded.md").read_text().strip()
+        proto = model["protocol"]
+        parts.append(f"Model level — the embedded model's held-out bits per byte (windowed protocol, "
+                     f"{proto['windows']} windows of {proto['window']}, last {proto['scored']} scored), after pruning "
+                     f"with {proto['calibration']['samples']} × {proto['calibration']['seqlen']} calibration bytes:\n\n"
+                     + md + "\n\n" + _env(model))
+    return "\n\n".join(parts) or None
+
+
+TABLES = {"bench": bench_table, "speed": speed_table, "accuracy": accuracy_table, "prune": prune_tables}
+
+
+def main():
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, render in TABLES.items():
+        body = render()
+        if body is None:
+            continue
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no <!-- results:{name} --> markers")
+        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    readme.write_text(text)
+    print("README tables updated")
+
+
+if __name__ == "__main__":
+    main()
