@@ -193,7 +193,7 @@ that the demo, the tests and the accuracy tables run offline on any machine.
 | held-out bits per byte | **{card['heldout_bits_per_byte']:.3f}** |
 | corpus | {card['stdlib_files']} standard-library `.py` files ({card['train_files']} train / {card['heldout_files']} held-out) |
 | held-out rule | {card['heldout_rule']} |
-| excluded directories | {', '.join(card['excluded_dirs'])} |
+| excluded directories | {', '.join(f'`{d}`' for d in card['excluded_dirs'])} |
 | file list sha256 | `{card['file_list_sha256']}` |
 | training | {card['tokens_seen'] / 1e6:.1f}M bytes, batch {t['batch']} x {t['seqlen']}, AdamW lr {t['lr']}, seed {t['seed']}, {card['train_minutes']} min on CPU |
 

@@ -10,10 +10,6 @@ import ssm_reduce
 from ssm_reduce import cli
 from ssm_reduce.embedded import EMBEDDED_DIR, heldout_files
 
-pytestmark = pytest.mark.skipif(
-    not (EMBEDDED_DIR / "model.safetensors").is_file(), reason="the embedded model has not been trained into the package yet"
-)
-
 
 @pytest.fixture(scope="module")
 def embedded():
