@@ -17,8 +17,6 @@ import copy
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402

@@ -115,7 +115,7 @@ def measure_shape(shape, sizes, args):
                       "new_tokens_per_s": b * new / med[t], "speedup": 1.0 / harness.median(ratios[t])} for t in targets],
         }
         print(f"{shape} generate {b}x{n}+{new}: " + ", ".join(f"F={t}: {1 / harness.median(ratios[t]):.2f}x" for t in targets))
-    del model
+    model = None  # release it before the memory runs build their own
     if "memory" not in args.skip:
         b, n = sizes["memory"]
         rows = []

@@ -16,7 +16,7 @@ output positions, but each stream has its own prune / merge split (``q_hidden`` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

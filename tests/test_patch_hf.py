@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import ssm_reduce
-from ssm_reduce import ReduceConfig
 from ssm_reduce.patch.base import runtime_of
 from ssm_reduce.runtime import replay
 

@@ -36,8 +36,7 @@ def official_reference(hidden, residual, metric, ratio):
     even, odd = list(range(0, n, 2)), list(range(1, n, 2))
 
     def reduce(x, top_half):
-        width = x.shape[1]
-        src = torch.stack([x[even[s]] for s in sources])  # (r, width)
+        src = torch.stack([x[even[s]] for s in sources])  # (r, channels)
         count = torch.ones(r, 1, dtype=x.dtype)
         if top_half:
             keep = torch.zeros_like(src)

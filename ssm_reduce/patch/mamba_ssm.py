@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from collections import namedtuple
 
-import torch
-
 from ..runtime import Runtime, kept_positions_for
 from .base import Adapter, register, runtime_of
 from .hf import _keep_columns
