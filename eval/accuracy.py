@@ -13,6 +13,7 @@ Writes eval/results/accuracy_embedded.json, .md and .png.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -108,6 +109,8 @@ def main(argv=None):
     p.add_argument("--scored", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the settings already measured in the partial file of an interrupted run")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     harness.set_threads()
@@ -120,10 +123,22 @@ def main(argv=None):
     settings = [("dense", 0.0, None)] + [
         (m, f, ssm_reduce.ReduceConfig(method=m, flops_reduction=f)) for m in args.methods for f in args.flops
     ]
+    protocol = {"limit": args.limit, "window": args.window, "scored": args.scored, "windows": args.windows}
+    final = Path(args.out) if args.out else harness.RESULTS / "accuracy_embedded.json"
+    partial = final.with_suffix(".partial.json")
+    done = {}
+    if args.resume and partial.exists():
+        previous = json.loads(partial.read_text())
+        if previous.get("protocol") == protocol:
+            done = {(r["method"], r["flops_reduction"]): r for r in previous["rows"]}
+            print(f"resuming: {len(done)} settings from {partial}")
     rows = []
     for method, target, config in settings:
-        row = {"method": method, "flops_reduction": target, **evaluate_setting(model, tokenizer, config, args, stream)}
+        row = done.get((method, target))
+        if row is None:
+            row = {"method": method, "flops_reduction": target, **evaluate_setting(model, tokenizer, config, args, stream)}
         rows.append(row)
+        harness.save("accuracy_embedded_partial", {"protocol": protocol, "rows": rows}, partial)
         print(markdown([row]).splitlines()[-1], flush=True)
     payload = {
         "benchmark": "embedded model accuracy under token reduction",
@@ -137,6 +152,7 @@ def main(argv=None):
     out.with_suffix(".md").write_text(markdown(rows))
     plot(rows, out.with_suffix(".png"))
     print(markdown(rows))
+    partial.unlink(missing_ok=True)
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
 
 

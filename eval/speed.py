@@ -5,8 +5,10 @@ checkpoints' shapes (random weights: speed does not depend on them).
 * generation throughput: new tokens per second of ``generate`` (the paper: batch 16, prompt 2048,
   100 new tokens), prefill included;
 * peak memory of one forward that returns every kept position's logits (the paper: batch 96 x 2048),
-  measured with ``torch.cuda.max_memory_allocated`` on a GPU and as the peak resident-set growth of
-  a fresh subprocess on a CPU.
+  measured with ``torch.cuda.max_memory_allocated`` on a GPU and, on a CPU, as the peak resident-set
+  growth of one forward in a fresh subprocess (kernel high-water mark reset after warm-up; large
+  allocations forced to mmap so freed tensors leave the RSS). ``--skip`` runs update only the
+  measured sections of an existing result file.
 
 Dense and reduced settings are timed alternately (pairs) and the median ratio is reported.
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,11 +150,24 @@ def peak_memory(shape, batch, seqlen, target, args) -> int:
         return int(peak)
     spec = json.dumps({"shape": shape, "batch": batch, "seqlen": seqlen, "target": target, "dtype": args.dtype,
                        "method": args.method})
-    proc = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True, check=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    proc = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True,
+                          check=True, env=env)
     return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
 def memory_child(spec: str) -> None:
+    """Peak resident-set growth of one forward: the kernel's high-water mark (VmHWM) is reset after the
+    model is built and warmed up (``/proc/self/clear_refs`` = 5), so building the model never masks the
+    forward's peak; the parent sets a fixed malloc mmap threshold so freed tensors leave the RSS at once."""
     cfg = json.loads(spec)
     model = random_model(cfg["shape"], dtype=DTYPES[cfg["dtype"]])
     if cfg["target"]:
@@ -160,9 +175,11 @@ def memory_child(spec: str) -> None:
     ids = torch.randint(0, model.config.vocab_size, (cfg["batch"], cfg["seqlen"]))
     with torch.no_grad():
         model(ids[:, :8], use_cache=False)
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kib("VmRSS")
         model(ids, use_cache=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print(json.dumps({"peak_bytes": (peak - base) * 1024}))
 
 
@@ -213,6 +230,15 @@ def main(argv=None):
         "results": results,
     }
     name = f"speed_{args.device.split(':')[0]}"
+    if args.skip:  # a partial run updates the sections it measured in an existing result file
+        previous = Path(args.out) if args.out else harness.RESULTS / f"{name}.json"
+        if previous.exists():
+            old = {r["shape"]: r for r in json.loads(previous.read_text())["results"]}
+            for r in results:
+                old[r["shape"]] = {**old.get(r["shape"], {}), **r}
+            payload["results"] = list(old.values())
+            payload["environment"]["command_sections"] = {"measured": [k for k in ("prefill", "generate", "memory")
+                                                                       if k not in args.skip]}
     path = harness.save(name, payload, args.out)
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
