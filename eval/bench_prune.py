@@ -2,7 +2,8 @@
 
 * error: on the Linear layers of the embedded model with their real calibration Hessians (inputs
   captured on training text), at 50 / 60 / 70 % and 2:4 / 4:8;
-* time: on random layers of public checkpoint shapes (mamba2-130m; add mamba2-2.7b on a GPU), with
+* ``mrp-noswap``: mrp with ``swap_rounds=0`` (its cheaper setting), next to the default;
+* time (median of ``--repeats``): on random layers of public checkpoint shapes (mamba2-130m; add mamba2-2.7b on a GPU), with
   correlated random inputs.
 
     python eval/bench_prune.py                     # CPU
@@ -27,6 +28,8 @@ from ssm_reduce.prune import METHODS, prune_linear  # noqa: E402
 from ssm_reduce.prune.driver import _HessianHook, calibration_tokens  # noqa: E402
 from ssm_reduce.shapes import PUBLIC_SHAPES  # noqa: E402
 
+# every method with its defaults, plus mrp without swap rounds (its cheaper setting)
+VARIANTS = {**{m: dict(method=m) for m in METHODS}, "mrp-noswap": dict(method="mrp", swap_rounds=0)}
 TARGETS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7),
            "2:4": dict(pattern="2:4"), "4:8": dict(pattern="4:8")}
 
@@ -82,22 +85,23 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--time-shapes", nargs="*", default=["mamba2-130m"])
     p.add_argument("--time-targets", nargs="+", default=["50%", "2:4"], choices=list(TARGETS))
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     harness.set_threads()
 
     errors = []
     print("relative error ||WX - W'X||^2 / ||WX||^2 on the embedded model's real inputs")
-    print(f"{'layer':<24} {'target':>6} " + " ".join(f"{m:>10}" for m in METHODS) + "   mrp/sparsegpt")
+    print(f"{'layer':<24} {'target':>6} " + " ".join(f"{m:>10}" for m in VARIANTS) + "   mrp/sparsegpt")
     for name, (w, h) in embedded_hessians(args.layers, args.nsamples, args.seqlen).items():
         for label, target in TARGETS.items():
             row = {"layer": name, "shape": list(w.shape), "target": label}
-            for method in METHODS:
-                _, _, stats = prune_linear(w.to(args.device), h.to(args.device), method=method, **target)
-                row[method] = {"relative_error": stats.relative_error, "seconds": stats.seconds}
+            for variant, kwargs in VARIANTS.items():
+                _, _, stats = prune_linear(w.to(args.device), h.to(args.device), **kwargs, **target)
+                row[variant] = {"relative_error": stats.relative_error, "seconds": stats.seconds}
             row["mrp_over_sparsegpt"] = row["mrp"]["relative_error"] / row["sparsegpt"]["relative_error"]
             errors.append(row)
-            print(f"{name:<24} {label:>6} " + " ".join(f"{row[m]['relative_error']:>10.4g}" for m in METHODS)
+            print(f"{name:<24} {label:>6} " + " ".join(f"{row[m]['relative_error']:>10.4g}" for m in VARIANTS)
                   + f"   {row['mrp_over_sparsegpt']:.3f}", flush=True)
 
     timings = []
@@ -106,23 +110,29 @@ def main(argv=None):
             w, h = random_layer(out, inp, 4 * inp, args.device)
             for label in args.time_targets:
                 row = {"shape": shape, "layer": proj, "size": [out, inp], "target": label}
-                for method in METHODS:
-                    _, _, stats = prune_linear(w, h, method=method, **TARGETS[label])
-                    row[method] = {"seconds": stats.seconds, "relative_error": stats.relative_error}
+                for variant, kwargs in VARIANTS.items():
+                    runs = [prune_linear(w, h, **kwargs, **TARGETS[label])[2] for _ in range(args.repeats)]
+                    row[variant] = {"seconds": harness.median([r.seconds for r in runs]),
+                                    "relative_error": runs[0].relative_error}
                 row["mrp_time_over_sparsegpt"] = row["mrp"]["seconds"] / row["sparsegpt"]["seconds"]
+                row["mrp_noswap_time_over_sparsegpt"] = row["mrp-noswap"]["seconds"] / row["sparsegpt"]["seconds"]
                 timings.append(row)
                 print(f"time {shape} {proj} {out}x{inp} {label}: " + ", ".join(
-                    f"{m} {row[m]['seconds']:.2f}s" for m in METHODS) + f" (mrp/sparsegpt {row['mrp_time_over_sparsegpt']:.1f}x)",
+                    f"{m} {row[m]['seconds']:.2f}s" for m in VARIANTS) + f" (mrp/sparsegpt {row['mrp_time_over_sparsegpt']:.1f}x,"
+                    f" without swaps {row['mrp_noswap_time_over_sparsegpt']:.1f}x)",
                     flush=True)
 
-    def mean_ratio(label):
-        vals = [r["mrp_over_sparsegpt"] for r in errors if r["target"] == label]
+    def mean_ratio(label, variant):
+        vals = [r[variant]["relative_error"] / r["sparsegpt"]["relative_error"] for r in errors if r["target"] == label]
         return sum(vals) / len(vals)
 
-    summary = {label: {"mean_mrp_over_sparsegpt_error": mean_ratio(label)} for label in TARGETS}
+    summary = {label: {"mean_mrp_over_sparsegpt_error": mean_ratio(label, "mrp"),
+                       "mean_mrp_noswap_over_sparsegpt_error": mean_ratio(label, "mrp-noswap")} for label in TARGETS}
     print("mean mrp / sparsegpt error ratio: " + ", ".join(f"{k} {v['mean_mrp_over_sparsegpt_error']:.3f}" for k, v in summary.items()))
+    print("  without swap rounds:           " + ", ".join(f"{k} {v['mean_mrp_noswap_over_sparsegpt_error']:.3f}" for k, v in summary.items()))
     payload = {"benchmark": "layer-level pruning error and time", "environment": harness.environment(args.device),
-               "calibration": {"samples": args.nsamples, "seqlen": args.seqlen}, "summary": summary,
+               "calibration": {"samples": args.nsamples, "seqlen": args.seqlen}, "repeats": args.repeats,
+               "summary": summary,
                "errors": errors, "timings": timings}
     path = harness.save(f"bench_prune_{args.device.split(':')[0]}", payload, args.out)
     print(f"wrote {path}")

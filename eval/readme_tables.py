@@ -81,17 +81,24 @@ def prune_tables() -> str | None:
     model = _load("prune_embedded.json")
     parts = []
     if layer is not None:
-        lines = ["| target | mean mrp / sparsegpt layer error |", "|---|---|"]
-        lines += [f"| {k} | {v['mean_mrp_over_sparsegpt_error']:.3f} |" for k, v in layer["summary"].items()]
-        timing = ["| layer | target | " + " | ".join(f"{m} s" for m in ("magnitude", "wanda", "sparsegpt", "mrp"))
-                  + " | mrp / sparsegpt time |", "|---|---|---|---|---|---|---|"]
+        noswap = "mean_mrp_noswap_over_sparsegpt_error" in next(iter(layer["summary"].values()))
+        lines = ["| target | mrp / sparsegpt layer error |" + (" mrp (no swap) / sparsegpt |" if noswap else ""),
+                 "|---|---|" + ("---|" if noswap else "")]
+        lines += [f"| {k} | {v['mean_mrp_over_sparsegpt_error']:.3f} |"
+                  + (f" {v['mean_mrp_noswap_over_sparsegpt_error']:.3f} |" if noswap else "") for k, v in layer["summary"].items()]
+        methods = [m for m in ("magnitude", "wanda", "sparsegpt", "mrp", "mrp-noswap") if m in layer["timings"][0]]
+        timing = ["| layer | target | " + " | ".join(f"{m} s" for m in methods) + " | mrp / sparsegpt time |"
+                  + (" mrp (no swap) / sparsegpt |" if noswap else ""),
+                  "|---|---|" + "---|" * (len(methods) + 1 + noswap)]
         for r in layer["timings"]:
             timing.append(f"| {r['shape']} {r['layer']} {r['size'][0]}×{r['size'][1]} | {r['target']} | " + " | ".join(
-                f"{r[m]['seconds']:.2f}" for m in ("magnitude", "wanda", "sparsegpt", "mrp"))
-                + f" | {r['mrp_time_over_sparsegpt']:.1f}× |")
+                f"{r[m]['seconds']:.2f}" for m in methods) + f" | {r['mrp_time_over_sparsegpt']:.1f}× |"
+                + (f" {r['mrp_noswap_time_over_sparsegpt']:.1f}× |" if noswap else ""))
         parts.append("Layer level — relative error ‖WX − W'X‖²/‖WX‖² on the embedded model's own inputs "
-                     "(in_proj and out_proj of three blocks), MRP against SparseGPT:\n\n" + "\n".join(lines)
-                     + "\n\nTime on random layers of the mamba2-130m shape:\n\n" + "\n".join(timing) + "\n\n" + _env(layer))
+                     "(in_proj and out_proj of three blocks), mean ratio to SparseGPT's (mrp: default, one swap "
+                     "round; no swap: `swap_rounds=0`):\n\n" + "\n".join(lines)
+                     + "\n\nTime on random layers of the mamba2-130m shape (median of "
+                     + f"{layer.get('repeats', 1)} runs):\n\n" + "\n".join(timing) + "\n\n" + _env(layer))
     if model is not None:
         md = (RESULTS / "prune_embedded.md").read_text().strip()
         proto = model["protocol"]
@@ -112,10 +119,10 @@ def main():
         body = render()
         if body is None:
             continue
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README.md has no <!-- results:{name} --> markers")
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     readme.write_text(text)
     print("README tables updated")
 

@@ -54,6 +54,57 @@ def test_mrp_kept_weights_are_the_least_squares_optimum(target):
         assert (got - solution).norm() / solution.norm() < 1e-4
 
 
+def _independent_solve(w, mask, damped):
+    out = torch.zeros_like(w, dtype=torch.float64)
+    for row in range(w.shape[0]):
+        kept = (~mask[row]).nonzero().flatten()
+        out[row, kept] = torch.linalg.solve(damped[kept][:, kept], (w[row].double() @ damped)[kept])
+    return out
+
+
+@pytest.mark.parametrize("max_iter", [None, 1], ids=["refined-cg", "direct-fallback"])
+def test_exact_solve_mixed_precision_reaches_float64_accuracy(max_iter):
+    """float32 inner CG + float64 refinement (or the direct fallback when CG is cut short) match a float64
+    solve far below float32 resolution, on a badly conditioned Hessian."""
+    from ssm_reduce.prune.solvers import exact_solve
+
+    w, h = correlated_problem(out=24, inp=64, tokens=96)  # fewer tokens than 3/2 inputs: near-singular
+    damped = h.double() + 1e-6 * torch.diag(h.double()).mean() * torch.eye(64, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.rand(w.shape, generator=gen).argsort(1) < 32
+    got = exact_solve(w, mask, damped, torch.linalg.inv(damped), max_iter=max_iter)
+    want = _independent_solve(w, mask, damped)
+    assert torch.equal(got[mask], torch.zeros(int(mask.sum()), dtype=torch.float64))
+    residual = ((got - w.double()) @ damped).masked_fill(mask, 0.0).norm(dim=1) / (w.double() @ damped).norm(dim=1)
+    assert float(residual.max()) < 1e-9  # the documented tolerance, checked independently
+    assert float(((got - want).norm(dim=1) / want.norm(dim=1)).max()) < 1e-5
+
+
+def test_joint_removal_falls_back_to_float64_when_float32_cannot_factor():
+    """Rows whose removal set makes a system float32 Cholesky rejects are solved in float64."""
+    from ssm_reduce.prune.solvers import _remove_jointly
+
+    gen = torch.Generator().manual_seed(0)
+    b = 8
+    v = torch.randn(b, 1, generator=gen, dtype=torch.float64)
+    inv_h = v @ v.T + 1e-10 * torch.eye(b, dtype=torch.float64)  # PD in float64 only
+    inv_h[4:, 4:] = torch.eye(4, dtype=torch.float64)
+    inv_h[:4, 4:] = inv_h[4:, :4] = 0
+    upper = torch.linalg.cholesky(inv_h).mT  # inv_h = U^T U
+    gram = upper.T @ upper
+    w1 = torch.randn(2, b, generator=gen, dtype=torch.float64)
+    idx = torch.tensor([[0, 1, 2], [4, 5, 6]])  # row 0: the near-singular corner; row 1: well conditioned
+    corner = gram[idx[0]][:, idx[0]].float()
+    assert int(torch.linalg.cholesky_ex(corner).info) != 0  # the premise: float32 cannot factor row 0's system
+    e = _remove_jointly(w1, upper, gram, idx)
+    for row in range(2):
+        s = idx[row]
+        z = torch.linalg.solve(inv_h[s][:, s], w1[row, s])
+        want = upper[:, s] @ z
+        assert torch.allclose(e[row], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))  # cond ~1e10
+    assert torch.isfinite(e).all()
+
+
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")], ids=["50%", "2:4"])
 def test_error_ordering_on_correlated_inputs(target):
     w, h = correlated_problem(out=128, inp=128, tokens=4096)

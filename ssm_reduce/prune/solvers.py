@@ -18,9 +18,10 @@ Methods (all give exactly the same number of removed weights in every row, or va
      sets, ``loss(S) = 1/2 w_S [(H^-1)_SS]^-1 w_S^T``, and removes it jointly; unstructured — every block
      picks per row its share of lowest OBS saliencies ``w_j^2 / [H^-1]_jj`` and removes them jointly;
   2. the kept weights of every row are then set to the exact least-squares optimum on the kept support
-     with the damped Hessian (``H_KK w'_K = (w H)_K``), solved for all rows at once by preconditioned
-     conjugate gradients in float64 from the sweep's weights (direct batched factorisation for any
-     row that has not converged) — the sweep can never move kept weights left of the current block,
+     with the damped Hessian (``H_KK w'_K = (w H)_K``), solved for all rows at once from the sweep's
+     weights by iterative refinement — float64 residuals, float32 preconditioned conjugate gradients
+     for the corrections — to a float64 relative residual of 1e-9 (direct batched factorisation for
+     any row that has not converged) — the sweep can never move kept weights left of the current block,
      this does;
   3. where it pays, swap rounds (``swap_rounds``, default 1): per row, removed weights whose freeing would gain more
      (g_i^2 / H_ii, g = gradient at the solution) than the cheapest kept weights cost to remove
@@ -47,6 +48,11 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "mrp")
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Elements of one batched (rows x p x p) system solved at once by the exact re-solve.
 SOLVE_CHUNK_ELEMENTS = 1 << 26
+# Elements of one cache-sized chunk of the sweep's (rows x r x r) systems on a CPU.
+SWEEP_CHUNK_ELEMENTS = 1 << 18
+# Exact solve: float64 refinement rounds, and the float32 inner solve's floor on relative tolerance.
+REFINEMENTS = 4
+INNER_TOL = 1e-6
 # Swap rounds stop once a round lowers the layer's (damped) error by less than this fraction.
 SWAP_MIN_GAIN = 0.01
 
@@ -177,15 +183,37 @@ def _sparsegpt(w, upper, sparsity, nm, blocksize):
     return w, mask
 
 
-def _remove_jointly(w1, u1, remove_idx):
+def _gather_square(matrix: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``matrix[idx_n][:, idx_n]`` for every row n of ``idx`` (rows x r) -> (rows, r, r)."""
+    r = idx.shape[1]
+    return matrix[idx].gather(2, idx[:, None, :].expand(-1, r, r))
+
+
+def _remove_jointly(w1, u1, gram, remove_idx):
     """Jointly remove, in every row, the columns ``remove_idx`` (rows x r) of the block ``w1`` with the
     optimal multiple-removal update; returns the per-row error vectors e (rows x B) such that the
-    update of any column c right of the block start is ``-e @ U[block, c]``."""
-    u_s = u1.T[remove_idx]  # (rows, r, B): rows of U^T = columns of U
-    a = u_s @ u_s.transpose(1, 2)  # (rows, r, r) = [(H_rem^-1)_SS]
-    w_s = w1.gather(1, remove_idx)[..., None]
-    z = torch.linalg.solve(a, w_s)
-    return (u_s.transpose(1, 2) @ z)[..., 0]  # (rows, B)
+    update of any column c right of the block start is ``-e @ U[block, c]``. ``gram = U^T U`` of the
+    block's upper factor is the remaining problem's inverse Hessian, shared by all rows.
+
+    The (rows, r, r) systems ``[(H_rem^-1)_SS] z = w_S`` are factored in float32 (the sweep only selects
+    the mask and warm-starts the exact solve, which is float64-accurate); rows whose float32 factor
+    fails are solved in float64."""
+    w_s = w1.gather(1, remove_idx)
+    gram32 = gram.float()
+    r = remove_idx.shape[1]
+    z = torch.empty_like(w_s)
+    # on a CPU, row chunks small enough to stay in cache; on a GPU, as many rows as memory allows
+    budget = SWEEP_CHUNK_ELEMENTS if w1.device.type == "cpu" else SOLVE_CHUNK_ELEMENTS
+    step = max(1, budget // (r * r))
+    for r1 in range(0, w_s.shape[0], step):
+        idx = remove_idx[r1 : r1 + step]
+        chol, info = torch.linalg.cholesky_ex(_gather_square(gram32, idx))
+        y = torch.linalg.solve_triangular(chol, w_s[r1 : r1 + step].float()[..., None], upper=False)
+        z[r1 : r1 + step] = torch.linalg.solve_triangular(chol.mT, y, upper=True)[..., 0]
+        bad = (info != 0).nonzero().flatten()
+        if len(bad):
+            z[r1 + bad] = torch.linalg.solve(_gather_square(gram, idx[bad]), w_s[r1 + bad][..., None])[..., 0]
+    return torch.zeros_like(w1).scatter_(1, remove_idx, z) @ u1.T  # e_n = U[:, S_n] z_n
 
 
 def _mrp_sweep(w, upper, sparsity, nm, blocksize):
@@ -207,9 +235,9 @@ def _mrp_sweep(w, upper, sparsity, nm, blocksize):
         if nm is None:
             k = counts[b]
             if k > 0:
-                diag_inv = (u1**2).sum(0)  # diag of the remaining problem's inverse Hessian
-                idx = torch.sort(w1**2 / diag_inv[None, :], dim=1, stable=True).indices[:, :k]
-                e = _remove_jointly(w1, u1, idx)
+                gram = u1.T @ u1  # the remaining problem's inverse Hessian on the block
+                idx = torch.sort(w1**2 / torch.diag(gram)[None, :], dim=1, stable=True).indices[:, :k]
+                e = _remove_jointly(w1, u1, gram, idx)
                 w1 -= e @ u1
                 mask1.scatter_(1, idx, True)
                 w1[mask1] = 0
@@ -245,17 +273,18 @@ def exact_solve(
     h_damped: torch.Tensor,
     hinv: torch.Tensor,
     start: Optional[torch.Tensor] = None,
-    tol: float = 1e-10,
+    tol: float = 1e-9,
     max_iter: Optional[int] = None,
 ) -> torch.Tensor:
     """Per row, the exact least-squares optimum on the kept support: the w' with w'_P = 0 minimising
     (w' - w) H (w' - w)^T (H damped), i.e. ``H_KK w'_K = (w H)_K``.
 
-    All rows are solved together by Jacobi-preconditioned conjugate gradients in float64 (one dense
-    product per iteration, warm-started from ``start``) until every row's relative residual is below
-    ``tol``; rows that have not converged after ``max_iter`` iterations are solved directly. The
-    default budget, in_features / 16 iterations, costs about one direct solve, so a slow convergence
-    never costs more than twice the direct route.
+    All rows are solved together by mixed-precision iterative refinement: the residual is computed in
+    float64, and the correction is solved by Jacobi-preconditioned conjugate gradients in float32 (one
+    dense product per iteration, all rows at once), until every row's float64 relative residual
+    ``|(w H)_K - (w' H)_K| / |(w H)_K|`` is below ``tol``. Rows not converged after ``REFINEMENTS``
+    rounds of at most ``max_iter`` iterations (default in_features / 16, about the cost of one direct
+    solve) are solved directly (float64-refined batched factorisations).
     """
     w = weight.double()
     keep = ~mask
@@ -264,24 +293,47 @@ def exact_solve(
     x = torch.where(keep, (start if start is not None else w).double(), 0.0)
     b = torch.where(keep, w @ h_damped, 0.0)
     scale = b.norm(dim=1).clamp_min(1e-300)
-    inv_diag = torch.where(keep, 1.0 / torch.diag(h_damped)[None, :], 0.0)
-    r = b - torch.where(keep, x @ h_damped, 0.0)
-    z = r * inv_diag
-    p, rz = z.clone(), (r * z).sum(1)
-    for _ in range(max_iter):
-        if float((r.norm(dim=1) / scale).max()) < tol:
+    h32 = h_damped.float()
+    inv_diag = torch.where(keep, 1.0 / torch.diag(h_damped)[None, :], 0.0).float()
+    active = torch.arange(w.shape[0], device=w.device)
+    for _ in range(REFINEMENTS):
+        r = b[active] - torch.where(keep[active], x[active] @ h_damped, 0.0)
+        rel = r.norm(dim=1) / scale[active]
+        active, r, rel = active[rel >= tol], r[rel >= tol], rel[rel >= tol]
+        if not len(active):
             return x
-        hp = torch.where(keep, p @ h_damped, 0.0)
-        alpha = rz / (p * hp).sum(1).clamp_min(1e-300)
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * hp
-        z = r * inv_diag
-        rz_next = (r * z).sum(1)
-        p = z + (rz_next / rz.clamp_min(1e-300))[:, None] * p
-        rz = rz_next
-    slow = ((r.norm(dim=1) / scale) >= tol).nonzero().flatten()
+        # float32 reaches ~1e-6 relative; ask each row for what it still needs, within that
+        inner = (tol / rel).clamp(min=INNER_TOL).float()
+        x[active] += _pcg32(r.float(), inv_diag[active], h32, inner, max_iter).double()
+    r = b[active] - torch.where(keep[active], x[active] @ h_damped, 0.0)
+    slow = active[(r.norm(dim=1) / scale[active]) >= tol]
     if len(slow):
         x[slow] = _direct_solve(w[slow], mask[slow], h_damped, hinv)
+    return x
+
+
+def _pcg32(b, inv_diag, h32, rel_tol, max_iter):
+    """Jacobi-preconditioned CG for ``H_KK x = b_K`` on every row from x = 0, in float32, until each
+    row's preconditioned residual norm is below ``rel_tol`` times its right-hand side's or
+    ``max_iter``. ``inv_diag`` is zero off the support, which keeps z, p and x on it; r is only ever
+    read through z, so it needs no masking (the caller checks the true float64 residual)."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    z = r * inv_diag
+    p, rz = z.clone(), (r * z).sum(1)
+    target = rz * rel_tol**2
+    tiny = torch.finfo(torch.float32).tiny
+    for _ in range(max_iter):
+        if bool((rz <= target).all()):
+            break
+        hp = p @ h32
+        alpha = rz / (p * hp).sum(1).clamp_min(tiny)
+        x.addcmul_(alpha[:, None], p)
+        r.addcmul_(alpha[:, None], hp, value=-1.0)
+        torch.mul(r, inv_diag, out=z)
+        rz_next = (r * z).sum(1)
+        p = torch.addcmul(z, (rz_next / rz.clamp_min(tiny))[:, None], p)
+        rz = rz_next
     return x
 
 
