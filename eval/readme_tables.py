@@ -22,7 +22,8 @@ def _load(name):
 def _env(payload) -> str:
     env = payload["environment"]
     where = env.get("gpu") or f"{env['cpu']}, {env['cpu_threads']} threads"
-    return f"*{where}; torch {env['torch']}, transformers {env['transformers']}; `{env['command']}`*"
+    commands = [e["command"] for e in env.get("earlier_runs", [])] + [env["command"]]
+    return f"*{where}; torch {env['torch']}, transformers {env['transformers']}; " + ", then ".join(f"`{c}`" for c in commands) + "*"
 
 
 def bench_table() -> str | None:

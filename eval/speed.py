@@ -233,7 +233,10 @@ def main(argv=None):
     if args.skip:  # a partial run updates the sections it measured in an existing result file
         previous = Path(args.out) if args.out else harness.RESULTS / f"{name}.json"
         if previous.exists():
-            old = {r["shape"]: r for r in json.loads(previous.read_text())["results"]}
+            before = json.loads(previous.read_text())
+            old = {r["shape"]: r for r in before["results"]}
+            earlier = before["environment"].pop("earlier_runs", [])
+            payload["environment"]["earlier_runs"] = earlier + [before["environment"]]
             for r in results:
                 old[r["shape"]] = {**old.get(r["shape"], {}), **r}
             payload["results"] = list(old.values())
