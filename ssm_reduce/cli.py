@@ -150,9 +150,10 @@ def cmd_prune(args) -> int:
 
     import ssm_reduce
     from .embedded import training_texts
-    from .prune.solvers import check_target
+    from .prune.solvers import check_swap_rounds, check_target
 
     check_target(args.sparsity, args.pattern, args.method)
+    check_swap_rounds(args.swap_rounds)
     model, tokenizer = _load(args.model, args.device, args.dtype)
     if args.calib == "embedded":
         calib = training_texts(max_bytes=4 * args.nsamples * args.seqlen)
@@ -161,6 +162,7 @@ def cmd_prune(args) -> int:
     report = ssm_reduce.prune(
         model, calib, tokenizer=tokenizer, sparsity=args.sparsity, pattern=args.pattern, method=args.method,
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=args.device,
+        swap_rounds=args.swap_rounds,
     )
     print(report)
     if args.out:
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--nsamples", type=int, default=128)
     prune.add_argument("--seqlen", type=int, default=2048)
     prune.add_argument("--batch-size", type=int, default=8)
+    prune.add_argument("--swap-rounds", type=int, default=1,
+                       help="mrp: swap rounds per layer after the exact solve (0 = none, about half the time)")
     prune.add_argument("--out", default=None, help="directory for the pruned model (save_pretrained) and report")
     prune.set_defaults(func=cmd_prune)
     sub.add_parser("eval", help="lm-eval with the ssm_reduce model registered (all lm-eval flags pass through)")

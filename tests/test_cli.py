@@ -79,3 +79,5 @@ def test_prune_command(tmp_path, capsys):
 def test_prune_command_rejects_bad_pattern(capsys):
     assert cli.main(["prune", "--pattern", "4:4"]) == 2
     assert "must keep 0 < N < M" in capsys.readouterr().err
+    assert cli.main(["prune", "--sparsity", "0.5", "--swap-rounds", "-1"]) == 2
+    assert "swap_rounds must be an integer >= 0" in capsys.readouterr().err

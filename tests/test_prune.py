@@ -111,6 +111,9 @@ def test_error_ordering_on_correlated_inputs(target):
     err = {m: prune_linear(w, h, method=m, **target)[2].relative_error for m in METHODS}
     assert err["mrp"] <= err["sparsegpt"] < err["wanda"] < err["magnitude"]
     assert err["mrp"] <= 0.95 * err["sparsegpt"]
+    # without swap rounds: same mask sweep and exact solve, never better than with them
+    no_swap = prune_linear(w, h, method="mrp", swap_rounds=0, **target)[2].relative_error
+    assert err["mrp"] <= no_swap <= 0.95 * err["sparsegpt"]
 
 
 def test_cholesky_failure_retries_with_more_damping():
@@ -134,6 +137,8 @@ def test_cholesky_failure_retries_with_more_damping():
         (dict(), "set exactly one of sparsity"),
         (dict(sparsity=0.5, pattern="2:4"), "set exactly one of sparsity"),
         (dict(sparsity=0.5, method="obs"), "method='obs' is not supported"),
+        (dict(sparsity=0.5, swap_rounds=-1), r"swap_rounds must be an integer >= 0"),
+        (dict(sparsity=0.5, swap_rounds=1.5), r"swap_rounds must be an integer >= 0"),
     ],
 )
 def test_bad_targets(kwargs, match):

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .solvers import check_target, prune_linear
+from .solvers import check_swap_rounds, check_target, prune_linear
 
 logger = logging.getLogger("ssm_reduce.prune")
 
@@ -251,9 +251,13 @@ def prune_model(
             transformer decoder layer).
         nsamples, seqlen: calibration windows and their length (a cap for 2-D ``calib``).
         device: where each block is processed (default: the model's device); the model stays put.
+        blocksize, damp: lazy-block width and Hessian damping (fraction of its mean diagonal).
+        swap_rounds: ``mrp`` only: at most this many swap rounds per layer (0 = none: about half the
+            solve time for a slightly higher error; see ``eval/bench_prune.py``).
     Everything is validated before the first weight changes.
     """
     nm = check_target(sparsity, pattern, method)
+    check_swap_rounds(swap_rounds)
     blocks_name, blocks = find_blocks(model)
     targets = select_targets(blocks, filter_fn)
     skipped = []

@@ -95,6 +95,11 @@ def check_target(sparsity, pattern, method) -> Optional[tuple[int, int]]:
     return None
 
 
+def check_swap_rounds(swap_rounds) -> None:
+    if isinstance(swap_rounds, bool) or not isinstance(swap_rounds, int) or swap_rounds < 0:
+        raise ValueError(f"swap_rounds must be an integer >= 0 (0 = no swap rounds), got {swap_rounds!r}")
+
+
 def relative_error(original: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
     """||W X - W' X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T) with D = W - W'."""
     h = hessian.double()
@@ -465,6 +470,7 @@ def prune_linear(
         (new_weight in weight's dtype, mask (out, in) bool True where removed, SolveStats)
     """
     nm = check_target(sparsity, pattern, method)
+    check_swap_rounds(swap_rounds)
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(
             f"weight must be (out, in) and hessian (in, in); got {tuple(weight.shape)} and {tuple(hessian.shape)}"
