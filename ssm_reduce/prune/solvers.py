@@ -280,7 +280,9 @@ def exact_solve(
     start: Optional[torch.Tensor] = None,
     tol: float = 1e-9,
     max_iter: Optional[int] = None,
-) -> torch.Tensor:
+    wh: Optional[torch.Tensor] = None,
+    return_product: bool = False,
+):
     """Per row, the exact least-squares optimum on the kept support: the w' with w'_P = 0 minimising
     (w' - w) H (w' - w)^T (H damped), i.e. ``H_KK w'_K = (w H)_K``.
 
@@ -290,31 +292,48 @@ def exact_solve(
     ``|(w H)_K - (w' H)_K| / |(w H)_K|`` is below ``tol``. Rows not converged after ``REFINEMENTS``
     rounds of at most ``max_iter`` iterations (default in_features / 16, about the cost of one direct
     solve) are solved directly (float64-refined batched factorisations).
+
+    ``wh`` may pass ``weight @ h_damped`` (float64) when the caller has it; with ``return_product`` the
+    result is ``(x, x @ h_damped)``, the product being the one the final residual check computed.
     """
     w = weight.double()
     keep = ~mask
     if max_iter is None:
         max_iter = max(8, w.shape[1] // 16)
     x = torch.where(keep, (start if start is not None else w).double(), 0.0)
-    b = torch.where(keep, w @ h_damped, 0.0)
+    b = torch.where(keep, w @ h_damped if wh is None else wh, 0.0)
     scale = b.norm(dim=1).clamp_min(1e-300)
     h32 = h_damped.float()
     inv_diag = torch.where(keep, 1.0 / torch.diag(h_damped)[None, :], 0.0).float()
-    active = torch.arange(w.shape[0], device=w.device)
-    for _ in range(REFINEMENTS):
-        r = b[active] - torch.where(keep[active], x[active] @ h_damped, 0.0)
+    xh = torch.empty_like(x)
+    active = slice(None)  # all rows, without copies; then the index of the rows still unconverged
+    for round_ in range(REFINEMENTS + 1):
+        xh[active] = x[active] @ h_damped
+        r = b[active] - torch.where(keep[active], xh[active], 0.0)
         rel = r.norm(dim=1) / scale[active]
-        active, r, rel = active[rel >= tol], r[rel >= tol], rel[rel >= tol]
-        if not len(active):
-            return x
+        if bool((rel < tol).all()):
+            active = None
+            break
+        if round_ == REFINEMENTS:
+            active = _rows(active, w.shape[0], w.device)[rel >= tol]
+            break
+        if not bool((rel < tol).any()):
+            still = active
+        else:
+            still = _rows(active, w.shape[0], w.device)[rel >= tol]
+            r = r[rel >= tol]
+        active = still
         # float32 reaches ~1e-6 relative; ask each row for what it still needs, within that
-        inner = (tol / rel).clamp(min=INNER_TOL).float()
+        inner = (tol * scale[active] / r.norm(dim=1)).clamp(min=INNER_TOL).float()
         x[active] += _pcg32(r.float(), inv_diag[active], h32, inner, max_iter).double()
-    r = b[active] - torch.where(keep[active], x[active] @ h_damped, 0.0)
-    slow = active[(r.norm(dim=1) / scale[active]) >= tol]
-    if len(slow):
-        x[slow] = _direct_solve(w[slow], mask[slow], h_damped, hinv)
-    return x
+    if active is not None:  # not converged: solve those rows directly
+        x[active] = _direct_solve(w[active], mask[active], h_damped, hinv)
+        xh[active] = x[active] @ h_damped
+    return (x, xh) if return_product else x
+
+
+def _rows(active, rows: int, device) -> torch.Tensor:
+    return torch.arange(rows, device=device) if isinstance(active, slice) else active
 
 
 def _pcg32(b, inv_diag, h32, rel_tol, max_iter):
@@ -396,21 +415,22 @@ def _factor(sub32: torch.Tensor, matrix: torch.Tensor, idx: torch.Tensor):
     return lambda b: torch.cholesky_solve(b[..., None], chol64)[..., 0]
 
 
-def _row_losses(w: torch.Tensor, w_new: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    d = w_new - w
-    return ((d @ h) * d).sum(1)
+def _row_losses(w: torch.Tensor, w_new: torch.Tensor, wh: torch.Tensor, new_h: torch.Tensor) -> torch.Tensor:
+    """Per row (w' - w) H (w' - w)^T from the products w H and w' H."""
+    return ((new_h - wh) * (w_new - w)).sum(1)
 
 
-def _swap_round(w, mask, solution, h_damped, hinv, group: Optional[int] = None, fraction: float = 0.05):
-    """One swap round (module docstring, step 3); returns (mask, solution, rows improved).
+def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Optional[int] = None, fraction: float = 0.05):
+    """One swap round (module docstring, step 3); returns (mask, solution, solution @ H, rows improved).
 
     Removed weights whose freeing would gain more than the cheapest kept weights cost are swapped in
     (within the same group of ``group`` columns for N:M, which keeps the pattern valid); each row keeps
-    the swap only if its exact re-solve has a lower error.
+    the swap only if its exact re-solve has a lower error. ``wh``/``solution_h``: ``w @ H`` and
+    ``solution @ H``, so that gradients and errors need no further products.
     """
     rows, cols = w.shape
     removed = int(mask[0].sum())
-    grad = (solution - w) @ h_damped
+    grad = solution_h - wh
     gain = torch.where(mask, grad**2 / torch.diag(h_damped)[None, :], torch.full_like(grad, -1.0))
     cost = torch.where(mask, torch.full_like(grad, float("inf")), solution**2 / torch.diag(hinv)[None, :])
     rows_idx = torch.arange(rows, device=w.device)[:, None]
@@ -429,19 +449,22 @@ def _swap_round(w, mask, solution, h_damped, hinv, group: Optional[int] = None, 
         add = chosen * group + add_in.gather(1, chosen)
         drop = chosen * group + drop_in.gather(1, chosen)
     if not bool(worth.any()):
-        return mask, solution, 0
+        return mask, solution, solution_h, 0
     candidate = mask.clone()
     rows_idx = rows_idx.expand(rows, add.shape[1])
     candidate[rows_idx[worth], add[worth]] = False
     candidate[rows_idx[worth], drop[worth]] = True
     changed = worth.any(1).nonzero().flatten()  # only rows with a swap need a new solve
-    trial = exact_solve(w[changed], candidate[changed], h_damped, hinv, start=solution[changed])
-    better = _row_losses(w[changed], trial, h_damped) < _row_losses(w[changed], solution[changed], h_damped) * (1 - 1e-9)
+    trial, trial_h = exact_solve(w[changed], candidate[changed], h_damped, hinv, start=solution[changed],
+                                 wh=wh[changed], return_product=True)
+    before = _row_losses(w[changed], solution[changed], wh[changed], solution_h[changed])
+    better = _row_losses(w[changed], trial, wh[changed], trial_h) < before * (1 - 1e-9)
     accepted = changed[better]
-    mask, solution = mask.clone(), solution.clone()
+    mask, solution, solution_h = mask.clone(), solution.clone(), solution_h.clone()
     mask[accepted] = candidate[accepted]
     solution[accepted] = trial[better]
-    return mask, solution, int(better.sum())
+    solution_h[accepted] = trial_h[better]
+    return mask, solution, solution_h, int(better.sum())
 
 
 @torch.no_grad()
@@ -493,12 +516,14 @@ def prune_linear(
             new, mask = _sparsegpt(w.clone(), upper, sparsity or 0.0, nm, blocksize)
         else:
             swept, mask = _mrp_sweep(w.clone(), upper, sparsity or 0.0, nm, blocksize)
-            new = exact_solve(w, mask, h, hinv, start=swept)
-            loss = float(_row_losses(w, new, h).sum())
+            wh = w @ h
+            new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True)
+            loss = float(_row_losses(w, new, wh, new_h).sum())
             for _ in range(swap_rounds):
-                mask, new, improved = _swap_round(w, mask, new, h, hinv, group=None if nm is None else nm[1])
+                mask, new, new_h, improved = _swap_round(w, wh, mask, new, new_h, h, hinv,
+                                                         group=None if nm is None else nm[1])
                 stats.swap_rows_improved += improved
-                previous, loss = loss, float(_row_losses(w, new, h).sum())
+                previous, loss = loss, float(_row_losses(w, new, wh, new_h).sum())
                 if not improved or loss > previous * (1 - SWAP_MIN_GAIN):
                     break
         new = new.masked_fill(mask, 0.0)
