@@ -204,7 +204,8 @@ def plot(results, path):
     xs = [0.1, 0.2, 0.3]
     axes[1].plot(xs, PAPER_FIGURES["throughput_speedup"], "k--", label="paper, Mamba-2-2.7B")
     axes[2].plot(xs, PAPER_FIGURES["peak_memory_reduction"], "k--", label="paper, Mamba-2-2.7B")
-    axes[0].plot([0, 0.3], [1, 1 / 0.7], ":", color="grey", label="ideal 1/(1-F)")
+    ideal = [0.0, 0.1, 0.2, 0.3]
+    axes[0].plot(ideal, [1 / (1 - f) for f in ideal], ":", color="grey", label="ideal 1/(1-F)")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -243,7 +244,7 @@ def main(argv=None):
             payload["environment"]["command_sections"] = {"measured": [k for k in ("prefill", "generate", "memory")
                                                                        if k not in args.skip]}
     path = harness.save(name, payload, args.out)
-    plot(results, path.with_suffix(".png"))
+    plot(payload["results"], path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
