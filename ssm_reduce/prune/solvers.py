@@ -306,29 +306,22 @@ def exact_solve(
     h32 = h_damped.float()
     inv_diag = torch.where(keep, 1.0 / torch.diag(h_damped)[None, :], 0.0).float()
     xh = torch.empty_like(x)
-    active = slice(None)  # all rows, without copies; then the index of the rows still unconverged
+    active = slice(None)  # every row (no copies), then the index of the rows not yet converged
     for round_ in range(REFINEMENTS + 1):
         xh[active] = x[active] @ h_damped
         r = b[active] - torch.where(keep[active], xh[active], 0.0)
-        rel = r.norm(dim=1) / scale[active]
-        if bool((rel < tol).all()):
-            active = None
-            break
+        unconverged = (r.norm(dim=1) / scale[active]) >= tol
+        if not bool(unconverged.any()):
+            return (x, xh) if return_product else x
+        if not bool(unconverged.all()):
+            active, r = _rows(active, w.shape[0], w.device)[unconverged], r[unconverged]
         if round_ == REFINEMENTS:
-            active = _rows(active, w.shape[0], w.device)[rel >= tol]
             break
-        if not bool((rel < tol).any()):
-            still = active
-        else:
-            still = _rows(active, w.shape[0], w.device)[rel >= tol]
-            r = r[rel >= tol]
-        active = still
         # float32 reaches ~1e-6 relative; ask each row for what it still needs, within that
         inner = (tol * scale[active] / r.norm(dim=1)).clamp(min=INNER_TOL).float()
         x[active] += _pcg32(r.float(), inv_diag[active], h32, inner, max_iter).double()
-    if active is not None:  # not converged: solve those rows directly
-        x[active] = _direct_solve(w[active], mask[active], h_damped, hinv)
-        xh[active] = x[active] @ h_damped
+    x[active] = _direct_solve(w[active], mask[active], h_damped, hinv)  # rows CG did not bring to tol
+    xh[active] = x[active] @ h_damped
     return (x, xh) if return_product else x
 
 
