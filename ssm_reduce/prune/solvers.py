@@ -201,8 +201,8 @@ def _remove_jointly(w1, u1, gram, remove_idx):
     block's upper factor is the remaining problem's inverse Hessian, shared by all rows.
 
     The (rows, r, r) systems ``[(H_rem^-1)_SS] z = w_S`` are factored in float32 (the sweep only selects
-    the mask and warm-starts the exact solve, which is float64-accurate); rows whose float32 factor
-    fails are solved in float64."""
+    the mask and warm-starts the exact solve, which is float64-accurate), in float64 for a chunk of rows
+    float32 cannot factor (``_factor``)."""
     w_s = w1.gather(1, remove_idx)
     gram32 = gram.float()
     r = remove_idx.shape[1]
@@ -212,12 +212,7 @@ def _remove_jointly(w1, u1, gram, remove_idx):
     step = max(1, budget // (r * r))
     for r1 in range(0, w_s.shape[0], step):
         idx = remove_idx[r1 : r1 + step]
-        chol, info = torch.linalg.cholesky_ex(_gather_square(gram32, idx))
-        y = torch.linalg.solve_triangular(chol, w_s[r1 : r1 + step].float()[..., None], upper=False)
-        z[r1 : r1 + step] = torch.linalg.solve_triangular(chol.mT, y, upper=True)[..., 0]
-        bad = (info != 0).nonzero().flatten()
-        if len(bad):
-            z[r1 + bad] = torch.linalg.solve(_gather_square(gram, idx[bad]), w_s[r1 + bad][..., None])[..., 0]
+        z[r1 : r1 + step] = _factor(_gather_square(gram32, idx), gram, idx)(w_s[r1 : r1 + step])
     return torch.zeros_like(w1).scatter_(1, remove_idx, z) @ u1.T  # e_n = U[:, S_n] z_n
 
 
@@ -376,7 +371,7 @@ def _direct_solve(weight: torch.Tensor, mask: torch.Tensor, h_damped: torch.Tens
     factors = []
     for r1 in range(0, rows, chunk):
         r2 = min(rows, r1 + chunk)
-        factors.append((r1, r2, _factor(matrix32[idx[r1:r2, :, None], idx[r1:r2, None, :]], matrix, idx[r1:r2])))
+        factors.append((r1, r2, _factor(_gather_square(matrix32, idx[r1:r2]), matrix, idx[r1:r2])))
 
     def solve(b: torch.Tensor) -> torch.Tensor:
         x = torch.empty_like(b)
@@ -400,8 +395,12 @@ def _factor(sub32: torch.Tensor, matrix: torch.Tensor, idx: torch.Tensor):
     float32 cannot factor them."""
     chol, info = torch.linalg.cholesky_ex(sub32)
     if not bool((info != 0).any()):
-        return lambda b: torch.cholesky_solve(b[..., None].float(), chol)[..., 0].double()
-    sub64 = matrix[idx[:, :, None], idx[:, None, :]]
+        def solve32(b):  # two triangular solves: faster than cholesky_solve on batches of small systems
+            y = torch.linalg.solve_triangular(chol, b[..., None].float(), upper=False)
+            return torch.linalg.solve_triangular(chol.mT, y, upper=True)[..., 0].double()
+
+        return solve32
+    sub64 = _gather_square(matrix, idx)
     chol64, info64 = torch.linalg.cholesky_ex(sub64)
     if bool((info64 != 0).any()):
         return lambda b: torch.linalg.solve(sub64, b[..., None])[..., 0]
