@@ -124,7 +124,7 @@ def main(argv=None):
         (m, f, ssm_reduce.ReduceConfig(method=m, flops_reduction=f)) for m in args.methods for f in args.flops
     ]
     protocol = {"limit": args.limit, "window": args.window, "scored": args.scored, "windows": args.windows}
-    final = Path(args.out) if args.out else harness.RESULTS / "accuracy_embedded.json"
+    final = harness.result_path("accuracy_embedded", args.out)
     partial = final.with_suffix(".partial.json")
     done = {}
     if args.resume and partial.exists():

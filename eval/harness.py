@@ -69,9 +69,14 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
+def result_path(name: str, out: Path | None = None) -> Path:
+    """``out`` when given, else ``eval/results/<name>.json``."""
+    return Path(out) if out else RESULTS / f"{name}.json"
+
+
 def save(name: str, payload: dict, out: Path | None = None) -> Path:
-    """Write ``payload`` as JSON to ``out`` or ``eval/results/<name>.json``; returns the path."""
-    path = Path(out) if out else RESULTS / f"{name}.json"
+    """Write ``payload`` as JSON to ``result_path(name, out)``; returns the path."""
+    path = result_path(name, out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -82,24 +82,21 @@ def prune_tables() -> str | None:
     model = _load("prune_embedded.json")
     parts = []
     if layer is not None:
-        noswap = "mean_mrp_noswap_over_sparsegpt_error" in next(iter(layer["summary"].values()))
-        lines = ["| target | mrp / sparsegpt layer error |" + (" mrp (no swap) / sparsegpt |" if noswap else ""),
-                 "|---|---|" + ("---|" if noswap else "")]
-        lines += [f"| {k} | {v['mean_mrp_over_sparsegpt_error']:.3f} |"
-                  + (f" {v['mean_mrp_noswap_over_sparsegpt_error']:.3f} |" if noswap else "") for k, v in layer["summary"].items()]
-        methods = [m for m in ("magnitude", "wanda", "sparsegpt", "mrp", "mrp-noswap") if m in layer["timings"][0]]
-        timing = ["| layer | target | " + " | ".join(f"{m} s" for m in methods) + " | mrp / sparsegpt time |"
-                  + (" mrp (no swap) / sparsegpt |" if noswap else ""),
-                  "|---|---|" + "---|" * (len(methods) + 1 + noswap)]
+        lines = ["| target | mrp / sparsegpt layer error | mrp (no swap) / sparsegpt |", "|---|---|---|"]
+        lines += [f"| {k} | {v['mean_mrp_over_sparsegpt_error']:.3f} | {v['mean_mrp_noswap_over_sparsegpt_error']:.3f} |"
+                  for k, v in layer["summary"].items()]
+        methods = ("magnitude", "wanda", "sparsegpt", "mrp", "mrp-noswap")
+        timing = ["| layer | target | " + " | ".join(f"{m} s" for m in methods)
+                  + " | mrp / sparsegpt time | mrp (no swap) / sparsegpt |", "|---|---|" + "---|" * (len(methods) + 2)]
         for r in layer["timings"]:
             timing.append(f"| {r['shape']} {r['layer']} {r['size'][0]}×{r['size'][1]} | {r['target']} | " + " | ".join(
                 f"{r[m]['seconds']:.2f}" for m in methods) + f" | {r['mrp_time_over_sparsegpt']:.1f}× |"
-                + (f" {r['mrp_noswap_time_over_sparsegpt']:.1f}× |" if noswap else ""))
+                f" {r['mrp_noswap_time_over_sparsegpt']:.1f}× |")
         parts.append("Layer level — relative error ‖WX − W'X‖²/‖WX‖² on the embedded model's own inputs "
                      "(in_proj and out_proj of three blocks), mean ratio to SparseGPT's (mrp: default, one swap "
                      "round; no swap: `swap_rounds=0`):\n\n" + "\n".join(lines)
                      + "\n\nTime on random layers of the mamba2-130m shape (median of "
-                     + f"{layer.get('repeats', 1)} runs):\n\n" + "\n".join(timing) + "\n\n" + _env(layer))
+                     + f"{layer['repeats']} runs):\n\n" + "\n".join(timing) + "\n\n" + _env(layer))
     if model is not None:
         md = (RESULTS / "prune_embedded.md").read_text().strip()
         proto = model["protocol"]

@@ -232,7 +232,7 @@ def main(argv=None):
     }
     name = f"speed_{args.device.split(':')[0]}"
     if args.skip:  # a partial run updates the sections it measured in an existing result file
-        previous = Path(args.out) if args.out else harness.RESULTS / f"{name}.json"
+        previous = harness.result_path(name, args.out)
         if previous.exists():
             before = json.loads(previous.read_text())
             old = {r["shape"]: r for r in before["results"]}
