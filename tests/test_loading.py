@@ -12,10 +12,10 @@ from ssm_reduce.loading import CheckpointError
 from .conftest import random_tokens
 
 
-def mamba_ssm_checkpoint(directory, layer, fmt="bin", tie=True):
+def mamba_ssm_checkpoint(directory, layer, fmt="bin", tie=True, n_layer=2):
     """A mamba_ssm-format checkpoint written by hand: real config keys, real state-dict key names,
-    shapes worked out from the mamba_ssm module definitions (d_model 32, 2 layers, vocab 61 -> 64)."""
-    d, n_layer, vocab, state = 32, 2, 64, 8
+    shapes worked out from the mamba_ssm module definitions (d_model 32, ``n_layer`` layers, vocab 61 -> 64)."""
+    d, vocab, state = 32, 64, 8
     d_inner = 2 * d
     gen = torch.Generator().manual_seed(7)
     rnd = lambda *shape: torch.randn(*shape, generator=gen) * 0.2  # noqa: E731

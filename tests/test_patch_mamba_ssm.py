@@ -3,11 +3,18 @@
 mamba_ssm imports only on CUDA machines (its kernels are compiled there). On CPU the adapter's
 plumbing is exercised on a stand-in with mamba_ssm's class names, block structure (add -> norm ->
 mixer, returning (mixer_out, residual)) and forward signatures, whose mixers are transformers' torch
-Mamba-2 mixers; the real package is tested in the GPU suite below.
+Mamba-2 mixers. The real package runs in two further tests: on CPU with its kernels swapped for its
+own torch references when its sources are provided (``tests/mamba_ssm_cpu.py``), and as installed on
+a CUDA machine.
 """
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +23,8 @@ from torch import nn
 import ssm_reduce
 from ssm_reduce.patch.base import runtime_of
 
-from .conftest import random_tokens, tiny_mamba2
+from . import mamba_ssm_cpu
+from .conftest import random_tokens, tiny_mamba, tiny_mamba2
 
 LMOutput = namedtuple("LMOutput", ["logits"])
 
@@ -137,6 +145,77 @@ def test_decode_steps_never_reduce(pair):
     assert out.kept_positions.shape == (1, 20)
     assert ssm_reduce.stats(ssm) == before
     assert runtime_of(ssm).session is None
+
+
+def test_unsupported_mixers_are_refused_before_any_change(pair):
+    _, ssm = pair
+
+    class MHA(nn.Module):  # mamba_ssm's attention mixer, by class name
+        pass
+
+    original = ssm.backbone.layers[3].mixer
+    ssm.backbone.layers[3].mixer = MHA()
+    with pytest.raises(ValueError, match="layer 3 is a mamba_ssm MHA layer"):
+        ssm_reduce.apply(ssm, method="utr", keep_ratio=0.7)
+    assert not ssm_reduce.is_patched(ssm) and type(ssm).__name__ == "MambaLMHeadModel"
+    ssm.backbone.layers[3].mixer = original
+
+
+def _as_mamba_ssm_mixer(mixer):
+    """Give a transformers mixer the attribute names mamba_ssm's Mamba / Mamba2 use (same layouts)."""
+    names = {"d_conv": "conv_kernel_size", "d_state": "ssm_state_size"}
+    if hasattr(mixer, "num_heads"):
+        names.update(nheads="num_heads", headdim="head_dim", d_ssm="intermediate_size", ngroups="n_groups",
+                     dt_limit="time_step_limit")
+        mixer.rmsnorm = True
+    else:
+        names.update(dt_rank="time_step_rank")
+    for ours, theirs in names.items():
+        setattr(mixer, ours, getattr(mixer, theirs))
+    return mixer
+
+
+@pytest.mark.parametrize("family_name", ["mamba2", "mamba"])
+@torch.no_grad()
+def test_ops_anchor_mixers_compute_the_host_mixer(family_name):
+    """The anchor mixers that scan through ssm_reduce.ops (CUDA anchors; Mamba-1 anchors everywhere)
+    compute the mixer's output and capture y before the gate with its scores."""
+    from ssm_reduce.patch.mamba_ssm import _ops_mamba1, _ops_mamba2
+    from ssm_reduce.reduce import importance_scores
+    from ssm_reduce.runtime import Runtime, Session, TokenState
+
+    model = (tiny_mamba2 if family_name == "mamba2" else tiny_mamba)()
+    mixer = _as_mamba_ssm_mixer(model.backbone.layers[1].mixer)
+    x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(0))
+    config = ssm_reduce.ReduceConfig(keep_ratio=0.7, similarity_source="ssm").resolve(6, 4)
+    session = Session(Runtime(config), TokenState.initial(2, 37, torch.device("cpu")), torch.long)
+    fn = _ops_mamba2 if family_name == "mamba2" else _ops_mamba1
+    torch.testing.assert_close(fn(mixer, session, x), mixer(x), atol=1e-5, rtol=1e-5)
+    y = session.captured["ssm"]
+    assert y.shape == (2, 37, 64)
+    assert torch.equal(session.captured_scores[("ssm", "clip")], importance_scores(y, "clip"))
+    if family_name == "mamba2":  # the host exposes y at its gated norm: the same tensor
+        seen = {}
+        handle = mixer.norm.register_forward_pre_hook(lambda m, a: seen.setdefault("y", a[0]))
+        mixer(x)
+        handle.remove()
+        torch.testing.assert_close(y, seen["y"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not os.environ.get(mamba_ssm_cpu.ENV),
+                    reason=f"set {mamba_ssm_cpu.ENV} to an unpacked mamba-ssm sdist (and a triton install) to run "
+                           "the real mamba_ssm classes on CPU with their reference kernels (eval/gpu_setup.md)")
+def test_real_mamba_ssm_classes_on_cpu_with_reference_kernels(tmp_path):
+    """The real mamba_ssm package (its kernels swapped for its own torch references, in a separate
+    interpreter) against the transformers adapter: dense and reduced logits, kept positions, the
+    fused / unfused / ops path of every layer, num_last_tokens, greedy generate, remove."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "tests.mamba_ssm_cpu", str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["layer"] for r in results] == ["Mamba1", "Mamba2"]
+    assert all(r["reduced_tokens"][1] < r["reduced_tokens"][0] for r in results)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None or not torch.cuda.is_available(),

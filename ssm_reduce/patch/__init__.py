@@ -33,6 +33,7 @@ def apply(model: torch.nn.Module, config: Optional[ReduceConfig] = None, **overr
         raise TypeError(f"config must be a ssm_reduce.ReduceConfig or None, got {type(config).__name__}")
     if overrides:
         config = config.with_overrides(**overrides)
+    adapter.check(model)
     resolved = config.resolve(adapter.num_layers(model), adapter.conv_kernel(model))
     if runtime_of(model) is not None:
         adapter.unpatch(model)

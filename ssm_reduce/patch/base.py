@@ -109,6 +109,9 @@ class Adapter:
     def num_layers(self, model) -> int:
         return len(self.backbone(model).layers)
 
+    def check(self, model) -> None:
+        """Raise ``ValueError`` if this adapter cannot patch ``model`` (called before anything changes)."""
+
     def conv_kernel(self, model) -> int:
         raise NotImplementedError
 

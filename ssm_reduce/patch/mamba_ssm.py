@@ -12,23 +12,36 @@ plan and handed on, exactly where the transformers adapter reduces inside its bl
   mask, so every token is real. A decode step (``inference_params.seqlen_offset > 0``) never reduces;
   the cache of every layer holds the states of the sequence it saw, so ``generate`` (with or without
   CUDA graphs, which only capture decode steps) needs nothing else.
-* Importance from the SSM output y: Mamba-2's default path fuses conv, scan, gated norm and out_proj
-  into one kernel, so at anchor layers only the mixer runs its unfused path (``use_mem_eff_path``
-  off: separate conv, ``mamba_chunk_scan_combined``, gated RMSNorm, out_proj — about the cost of one
-  extra read and write of the layer's activations) and y is read at the gated norm's input. Mamba-1's
-  fast path fuses out_proj the same way; its anchors run the slow path and, as in the transformers
-  adapter, use the input of ``out_proj`` (y * silu(z)) as ``ssm``. Every other layer keeps the fast path.
+* Importance from the SSM output y (before the gate, the paper's Eq. 5), at anchor layers only; every
+  other layer keeps the host's fastest path. Mamba-2's default path fuses conv, scan, gated norm and
+  out_proj into one kernel, so y is not visible there. Anchors therefore either run the host's
+  unfused path (``use_mem_eff_path`` off for that call: separate conv, ``mamba_chunk_scan_combined``,
+  gated RMSNorm, out_proj — about one extra read and write of the layer's activations), with y read
+  at the gated norm's input; or run the mixer through ``ssm_reduce.ops`` (in_proj, conv,
+  ``scan_score_mamba2`` / ``scan_score_mamba1``, gate, out_proj), which returns y and its scores from
+  the scan itself. The ops path is taken where the compiled kernels run (CUDA), and wherever the host
+  has no pre-gate y to read: Mamba-1 (its scan gates y inside, and its fast path also fuses out_proj)
+  and Mamba-2 without the gated norm (``rmsnorm=False``). The block's own add + norm always run as
+  the host wrote them; only the mixer call is replaced, and the generation cache (conv and SSM
+  states in ``inference_params``) is filled exactly as the host mixer fills it.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import namedtuple
 
+import torch
+import torch.nn.functional as F
+
+from .. import ops
 from ..runtime import Runtime, kept_positions_for
 from .base import Adapter, register, runtime_of
 from .hf import _keep_columns
 
 ReducedLMOutput = namedtuple("ReducedLMOutput", ["logits", "kept_positions"])
+# Mixer classes the adapter supports (mamba_ssm.modules: Mamba-1, Mamba-2).
+_MIXERS = ("Mamba", "Mamba2")
 # Attributes that select a mixer's fused fast path (Mamba-2, Mamba-1).
 _FAST_PATH_FLAGS = ("use_mem_eff_path", "use_fast_path")
 
@@ -60,12 +73,107 @@ class _MixerModelMixin:
         return out
 
 
+def _conv(mixer, x, seqlen):
+    """The host mixer's causal conv + activation of (B, C, L) ``x`` (its own kernel when it has one)."""
+    fn = getattr(sys.modules[type(mixer).__module__], "causal_conv1d_fn", None)
+    if fn is not None and mixer.activation in ("silu", "swish"):
+        return fn(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation=mixer.activation)
+    return mixer.act(mixer.conv1d(x)[..., :seqlen])
+
+
+def _ops_mamba2(mixer, session, u, inference_params=None):
+    """mamba_ssm ``Mamba2.forward`` (prefill form) with the scan through ``ops.scan_score_mamba2``."""
+    batch, seqlen, _ = u.shape
+    conv_state = ssm_state = None
+    if inference_params is not None:
+        conv_state, ssm_state = mixer._get_states_from_cache(inference_params, batch)
+    zxbcdt = mixer.in_proj(u)
+    groups_state = mixer.ngroups * mixer.d_state
+    d_mlp = (zxbcdt.shape[-1] - 2 * mixer.d_ssm - 2 * groups_state - mixer.nheads) // 2
+    z0, x0, z, xbc, dt = torch.split(zxbcdt, [d_mlp, d_mlp, mixer.d_ssm, mixer.d_ssm + 2 * groups_state, mixer.nheads], dim=-1)
+    xbc = xbc.transpose(1, 2)
+    if conv_state is not None:
+        conv_state.copy_(F.pad(xbc, (mixer.d_conv - seqlen, 0)))
+    xbc = _conv(mixer, xbc, seqlen).transpose(1, 2)
+    x, b, c = torch.split(xbc, [mixer.d_ssm, groups_state, groups_state], dim=-1)
+    metric = session.runtime.config.importance
+    y, final_state, score, _ = ops.scan_score_mamba2(
+        x.reshape(batch, seqlen, mixer.nheads, mixer.headdim), dt, -torch.exp(mixer.A_log.float()),
+        b.reshape(batch, seqlen, mixer.ngroups, -1), c.reshape(batch, seqlen, mixer.ngroups, -1),
+        D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True, dt_min=float(mixer.dt_limit[0]),
+        dt_max=float(mixer.dt_limit[1]), metric=metric,
+    )
+    if ssm_state is not None:
+        ssm_state.copy_(final_state)
+    y = y.reshape(batch, seqlen, -1)
+    session.capture("ssm", y)
+    session.capture_score("ssm", metric, score)
+    y = mixer.norm(y, z) if mixer.rmsnorm else y * F.silu(z)
+    if d_mlp > 0:
+        y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+    return mixer.out_proj(y.to(u.dtype))
+
+
+def _ops_mamba1(mixer, session, u, inference_params=None):
+    """mamba_ssm ``Mamba.forward`` (prefill form) with the scan through ``ops.scan_score_mamba1``,
+    which exposes y before the z gate."""
+    batch, seqlen, _ = u.shape
+    conv_state = ssm_state = None
+    if inference_params is not None:
+        conv_state, ssm_state = mixer._get_states_from_cache(inference_params, batch)
+    x, z = mixer.in_proj(u).transpose(1, 2).chunk(2, dim=1)
+    if conv_state is not None:
+        conv_state.copy_(F.pad(x, (mixer.d_conv - seqlen, 0)))
+    x = _conv(mixer, x, seqlen)
+    dt, b, c = torch.split(mixer.x_proj(x.transpose(1, 2)), [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+    config = session.runtime.config
+    need_y = config.similarity_source == "ssm"  # y itself, not only its score, is needed for matching
+    y, final_state, score, _ = ops.scan_score_mamba1(
+        x, mixer.dt_proj.weight @ dt.transpose(1, 2), -torch.exp(mixer.A_log.float()), b.transpose(1, 2),
+        c.transpose(1, 2), D=mixer.D.float(), z=None if need_y else z,
+        delta_bias=None if mixer.dt_proj.bias is None else mixer.dt_proj.bias.float(), delta_softplus=True,
+        metric=config.importance,
+    )
+    if ssm_state is not None:
+        ssm_state.copy_(final_state)
+    if need_y:
+        session.capture("ssm", y.transpose(1, 2))
+        y = y * F.silu(z)
+    session.capture_score("ssm", config.importance, score)
+    return mixer.out_proj(y.transpose(1, 2).to(u.dtype))
+
+
+def _ops_mixer_for(mixer, session, hidden_states):
+    """The ops-path replacement for this anchor's mixer call, or None to run the host's own path."""
+    config = session.runtime.config
+    needs_y = config.method != "tor-official" and "ssm" in (config.importance_source, config.similarity_source)
+    mamba2 = type(mixer).__name__ == "Mamba2"
+    use = session.runtime.ops_mixer
+    if use is None:
+        gated_inside = not mamba2 or not getattr(mixer, "rmsnorm", True)
+        use = (needs_y and gated_inside) or ops.kernels_run_on(hidden_states)
+    if not use:
+        return None
+    if mamba2 and (getattr(mixer, "D_has_hdim", False) or getattr(mixer, "process_group", None) is not None):
+        return None  # per-channel D or tensor parallelism: the host's unfused path
+    return _ops_mamba2 if mamba2 else _ops_mamba1
+
+
 class _BlockMixin:
     def forward(self, hidden_states, residual=None, inference_params=None, **mixer_kwargs):
         session = runtime_of(self).session
         if session is None or self.layer_idx not in session.anchors or not session.reduces_at(self.layer_idx):
             return super().forward(hidden_states, residual, inference_params=inference_params, **mixer_kwargs)
         mixer = self.mixer
+        ops_mixer = None if mixer_kwargs else _ops_mixer_for(mixer, session, hidden_states)
+        if ops_mixer is not None:
+            # the block's add + norm run as the host wrote them; only the mixer call is replaced
+            mixer.forward = lambda u, inference_params=None: ops_mixer(mixer, session, u, inference_params)
+            try:
+                hidden_states, residual = super().forward(hidden_states, residual, inference_params=inference_params)
+            finally:
+                del mixer.forward
+            return session.reduce(self.layer_idx, hidden_states, residual)
         flags = {name: getattr(mixer, name) for name in _FAST_PATH_FLAGS if hasattr(mixer, name)}
         for name in flags:
             setattr(mixer, name, False)
@@ -85,6 +193,16 @@ class MambaSsmAdapter(Adapter):
     lm_mixin = _LMHeadMixin
     backbone_mixin = _MixerModelMixin
 
+    def check(self, model) -> None:
+        for index, block in enumerate(self.backbone(model).layers):
+            name = type(block.mixer).__name__
+            if name not in _MIXERS:
+                raise ValueError(
+                    f"model: layer {index} is a mamba_ssm {name} layer; token reduction supports models whose "
+                    f"layers are all {' or '.join(_MIXERS)} (attention layers would keep caches of the "
+                    f"unreduced length)"
+                )
+
     def conv_kernel(self, model) -> int:
         return int(getattr(self.backbone(model).layers[0].mixer, "d_conv", 4))
 
@@ -92,9 +210,9 @@ class MambaSsmAdapter(Adapter):
         return _BlockMixin
 
     def ssm_source(self, mixer):
-        # Mamba-2 (unfused path): y enters the gated RMSNorm; Mamba-1: out_proj's input, y * silu(z).
-        norm = getattr(mixer, "norm", None)
-        return norm if norm is not None else mixer.out_proj
+        # Mamba-2 (unfused path): y enters the gated RMSNorm. Mamba-1 and norm-less Mamba-2 anchors run
+        # through ssm_reduce.ops, which captures y itself.
+        return getattr(mixer, "norm", None)
 
 
 register(MambaSsmAdapter())
