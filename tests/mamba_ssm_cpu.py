@@ -226,6 +226,14 @@ def check(layer: str, workdir: Path) -> dict:
     ssm_reduce.remove(real)
     assert type(real).__name__ == "MambaLMHeadModel" and not ssm_reduce.is_patched(real)
     assert torch.equal(real(ids).logits, dense), "remove() must restore the unpatched model exactly"
+
+    # the loader's host="mamba_ssm" from both checkpoint formats written by save_model
+    ssm_reduce.remove(hf)
+    for fmt in ("hf", "mamba_ssm"):
+        saved = ssm_reduce.save_model(hf, workdir / f"{layer}-{fmt}", format=fmt)
+        again = ssm_reduce.load_model(saved, host="mamba_ssm")
+        assert type(again).__name__ == "MambaLMHeadModel"
+        assert torch.equal(again(ids).logits, dense), f"save_model(format={fmt!r}) -> host='mamba_ssm' changed the logits"
     return result
 
 
