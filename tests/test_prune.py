@@ -40,6 +40,17 @@ def test_exact_sparsity_and_valid_patterns(method, target):
         assert torch.equal(new[~mask], w[~mask])  # no update of kept weights
 
 
+@pytest.mark.parametrize("swap_rounds", [0, 2])
+def test_mrp_error_statistic_equals_the_direct_formula_with_dead_inputs(swap_rounds):
+    """mrp reports its error from the products it already has (H damped, dead inputs patched); it must
+    equal ||WX - W'X||^2 / ||WX||^2 computed directly with the undamped Hessian."""
+    w, h = correlated_problem(seed=3)
+    w, h = w.double(), h.double()
+    h[5, :] = h[:, 5] = 0  # an input that never fires
+    new, _, stats = prune_linear(w, h, method="mrp", sparsity=0.5, swap_rounds=swap_rounds)
+    assert stats.relative_error == pytest.approx(relative_error(w, new, h), rel=1e-9, abs=1e-15)
+
+
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(sparsity=0.8), dict(sparsity=0.25), dict(pattern="2:4")],
                          ids=lambda t: str(list(t.values())[0]))
 def test_mrp_kept_weights_are_the_least_squares_optimum(target):

@@ -25,8 +25,11 @@ Methods (all give exactly the same number of removed weights in every row, or va
      this does;
   3. where it pays, swap rounds (``swap_rounds``, default 1): per row, removed weights whose freeing would gain more
      (g_i^2 / H_ii, g = gradient at the solution) than the cheapest kept weights cost to remove
-     (w_j^2 / [H^-1]_jj) are swapped in (for N:M within the same group of M), the row is re-solved
-     exactly, and the swap is kept only if the row's error went down. Rounds stop when one gains < 1%.
+     (w_j^2 / [H^-1]_jj) are swapped in (for N:M within the same group of M), the row is re-solved,
+     and the swap is kept only if the row's error went down. Rounds stop when one gains < 1%. The
+     masks are compared through solves to a relative residual of 1e-3 (``SWAP_TOL``: the row errors
+     they compare are then off by a second-order amount, while swaps change them by percents), and
+     the final mask is solved exactly as in step 2, from the last of those solutions.
 
   Departures from the paper's text, as far as it is known (its code was never published): the exact
   re-solve of step 2 and the swap round of step 3 are ours; the paper's sweep keeps the weights it
@@ -55,6 +58,9 @@ REFINEMENTS = 4
 INNER_TOL = 1e-6
 # Swap rounds stop once a round lowers the layer's (damped) error by less than this fraction.
 SWAP_MIN_GAIN = 0.01
+# Swap rounds compare masks through solves to this float64 relative residual (a row's loss is off by
+# a second-order amount in it); the final mask is then solved to the exact solve's tolerance.
+SWAP_TOL = 1e-3
 
 
 @dataclass
@@ -304,7 +310,7 @@ def exact_solve(
     active = slice(None)  # every row (no copies), then the index of the rows not yet converged
     for round_ in range(REFINEMENTS + 1):
         xh[active] = x[active] @ h_damped
-        r = b[active] - torch.where(keep[active], xh[active], 0.0)
+        r = (b[active] - xh[active]).masked_fill_(mask[active], 0.0)
         unconverged = (r.norm(dim=1) / scale[active]) >= tol
         if not bool(unconverged.any()):
             return (x, xh) if return_product else x
@@ -407,12 +413,23 @@ def _factor(sub32: torch.Tensor, matrix: torch.Tensor, idx: torch.Tensor):
     return lambda b: torch.cholesky_solve(b[..., None], chol64)[..., 0]
 
 
+def _relative_error_from_products(w, new, wh, new_h, h_damped, hessian) -> float:
+    """``relative_error(w, new, hessian)`` from the products ``w @ h_damped`` and ``new @ h_damped``
+    (H_damped - H is diagonal), without two more products with H."""
+    shift = torch.diag(h_damped) - torch.diag(hessian).double()
+    d = new - w
+    num = _row_losses(w, new, wh, new_h).sum() - (d.square().sum(0) * shift).sum()
+    den = (wh * w).sum() - (w.square().sum(0) * shift).sum()
+    return float(num / den) if float(den) > 0 else 0.0
+
+
 def _row_losses(w: torch.Tensor, w_new: torch.Tensor, wh: torch.Tensor, new_h: torch.Tensor) -> torch.Tensor:
     """Per row (w' - w) H (w' - w)^T from the products w H and w' H."""
     return ((new_h - wh) * (w_new - w)).sum(1)
 
 
-def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Optional[int] = None, fraction: float = 0.05):
+def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Optional[int] = None, fraction: float = 0.05,
+                tol: float = SWAP_TOL):
     """One swap round (module docstring, step 3); returns (mask, solution, solution @ H, rows improved).
 
     Removed weights whose freeing would gain more than the cheapest kept weights cost are swapped in
@@ -448,7 +465,7 @@ def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Option
     candidate[rows_idx[worth], drop[worth]] = True
     changed = worth.any(1).nonzero().flatten()  # only rows with a swap need a new solve
     trial, trial_h = exact_solve(w[changed], candidate[changed], h_damped, hinv, start=solution[changed],
-                                 wh=wh[changed], return_product=True)
+                                 wh=wh[changed], return_product=True, tol=tol)
     before = _row_losses(w[changed], solution[changed], wh[changed], solution_h[changed])
     better = _row_losses(w[changed], trial, wh[changed], trial_h) < before * (1 - 1e-9)
     accepted = changed[better]
@@ -509,7 +526,9 @@ def prune_linear(
         else:
             swept, mask = _mrp_sweep(w.clone(), upper, sparsity or 0.0, nm, blocksize)
             wh = w @ h
-            new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True)
+            # swap rounds compare masks through looser solves; the final mask is solved exactly
+            new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
+                                     tol=SWAP_TOL if swap_rounds else 1e-9)
             loss = float(_row_losses(w, new, wh, new_h).sum())
             for _ in range(swap_rounds):
                 mask, new, new_h, improved = _swap_round(w, wh, mask, new, new_h, h, hinv,
@@ -518,9 +537,14 @@ def prune_linear(
                 previous, loss = loss, float(_row_losses(w, new, wh, new_h).sum())
                 if not improved or loss > previous * (1 - SWAP_MIN_GAIN):
                     break
+            if swap_rounds:
+                new, new_h = exact_solve(w, mask, h, hinv, start=new, wh=wh, return_product=True)
         new = new.masked_fill(mask, 0.0)
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
-    stats.relative_error = relative_error(weight, new, hessian)
+    if method == "mrp":
+        stats.relative_error = _relative_error_from_products(w, new, wh, new_h, h, hessian)
+    else:
+        stats.relative_error = relative_error(weight, new, hessian)
     stats.seconds = time.perf_counter() - start
     if not math.isfinite(stats.relative_error):
         raise RuntimeError(f"{method} produced non-finite weights")
