@@ -3,7 +3,8 @@
 * error: on the Linear layers of the embedded model with their real calibration Hessians (inputs
   captured on training text), at 50 / 60 / 70 % and 2:4 / 4:8;
 * ``mrp-noswap``: mrp with ``swap_rounds=0`` (its cheaper setting), next to the default;
-* time (median of ``--repeats``): on random layers of public checkpoint shapes (mamba2-130m; add mamba2-2.7b on a GPU), with
+* time (median of ``--repeats`` rounds, each running every method once; ratios are medians of the
+  per-round ratios): on random layers of public checkpoint shapes (mamba2-130m; add mamba2-2.7b on a GPU), with
   correlated random inputs.
 
     python eval/bench_prune.py                     # CPU
@@ -110,12 +111,17 @@ def main(argv=None):
             w, h = random_layer(out, inp, 4 * inp, args.device)
             for label in args.time_targets:
                 row = {"shape": shape, "layer": proj, "size": [out, inp], "target": label}
-                for variant, kwargs in VARIANTS.items():
-                    runs = [prune_linear(w, h, **kwargs, **TARGETS[label])[2] for _ in range(args.repeats)]
-                    row[variant] = {"seconds": harness.median([r.seconds for r in runs]),
-                                    "relative_error": runs[0].relative_error}
-                row["mrp_time_over_sparsegpt"] = row["mrp"]["seconds"] / row["sparsegpt"]["seconds"]
-                row["mrp_noswap_time_over_sparsegpt"] = row["mrp-noswap"]["seconds"] / row["sparsegpt"]["seconds"]
+                # round robin: every repeat runs each variant once, so drifts of a shared machine hit
+                # all of them alike; ratios are medians of the per-round ratios
+                runs = {variant: [] for variant in VARIANTS}
+                for _ in range(args.repeats):
+                    for variant, kwargs in VARIANTS.items():
+                        runs[variant].append(prune_linear(w, h, **kwargs, **TARGETS[label])[2])
+                for variant, stats in runs.items():
+                    row[variant] = {"seconds": harness.median([r.seconds for r in stats]),
+                                    "relative_error": stats[0].relative_error}
+                for key, variant in (("mrp_time_over_sparsegpt", "mrp"), ("mrp_noswap_time_over_sparsegpt", "mrp-noswap")):
+                    row[key] = harness.median([a.seconds / b.seconds for a, b in zip(runs[variant], runs["sparsegpt"])])
                 timings.append(row)
                 print(f"time {shape} {proj} {out}x{inp} {label}: " + ", ".join(
                     f"{m} {row[m]['seconds']:.2f}s" for m in VARIANTS) + f" (mrp/sparsegpt {row['mrp_time_over_sparsegpt']:.1f}x,"

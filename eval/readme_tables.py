@@ -96,7 +96,8 @@ def prune_tables() -> str | None:
                      "(in_proj and out_proj of three blocks), mean ratio to SparseGPT's (mrp: default, one swap "
                      "round; no swap: `swap_rounds=0`):\n\n" + "\n".join(lines)
                      + "\n\nTime on random layers of the mamba2-130m shape (median of "
-                     + f"{layer['repeats']} runs):\n\n" + "\n".join(timing) + "\n\n" + _env(layer))
+                     + f"{layer['repeats']} rounds that run every method once; ratios: median of the per-round "
+                     "ratios):\n\n" + "\n".join(timing) + "\n\n" + _env(layer))
     if model is not None:
         md = (RESULTS / "prune_embedded.md").read_text().strip()
         proto = model["protocol"]
