@@ -198,14 +198,6 @@ def check(layer: str, workdir: Path) -> dict:
     torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
     assert ssm_reduce.stats(real)["tokens_per_layer"] == ssm_reduce.stats(hf)["tokens_per_layer"]
 
-    if layer == "Mamba2":  # the path CUDA anchors take (ssm_reduce.ops) gives the same result
-        runtime_of(real).ops_mixer = True
-        CALLS.clear()
-        c = real(ids)
-        runtime_of(real).ops_mixer = None
-        assert CALLS == Counter({fused: 2, "ops_scan": 2}), dict(CALLS)
-        assert torch.equal(c.kept_positions, b.kept_positions)
-        torch.testing.assert_close(c.logits, b.logits, atol=1e-4, rtol=1e-4)
 
     last = real(ids, num_last_tokens=1)
     torch.testing.assert_close(last.logits, b.logits[:, -1:], atol=1e-5, rtol=1e-5)
@@ -222,6 +214,21 @@ def check(layer: str, workdir: Path) -> dict:
     scores, ref_scores = torch.stack(out.scores, 1), torch.stack(ref.logits, 1)[..., : out.scores[0].shape[-1]]
     result["generate_max_abs_diff"] = float((scores - ref_scores).abs().max())
     torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=1e-4)
+
+    if layer == "Mamba2":  # the path CUDA anchors take (ssm_reduce.ops) gives the same results
+        runtime_of(real).ops_mixer = True
+        CALLS.clear()
+        c = real(ids)
+        assert CALLS == Counter({fused: 2, "ops_scan": 2}), dict(CALLS)
+        assert torch.equal(c.kept_positions, b.kept_positions)
+        torch.testing.assert_close(c.logits, b.logits, atol=1e-4, rtol=1e-4)
+        CALLS.clear()
+        out_ops = real.generate(ids, max_length=ids.shape[1] + new, cg=False, return_dict_in_generate=True,
+                                output_scores=True)
+        assert CALLS["ops_scan"] == 2, dict(CALLS)  # the anchors' prefill filled the cache through ops
+        runtime_of(real).ops_mixer = None
+        assert torch.equal(out_ops.sequences, out.sequences)
+        torch.testing.assert_close(torch.stack(out_ops.scores, 1), scores, atol=1e-4, rtol=1e-4)
 
     ssm_reduce.remove(real)
     assert type(real).__name__ == "MambaLMHeadModel" and not ssm_reduce.is_patched(real)
