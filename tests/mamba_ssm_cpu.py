@@ -199,6 +199,15 @@ def check(layer: str, workdir: Path) -> dict:
     assert ssm_reduce.stats(real)["tokens_per_layer"] == ssm_reduce.stats(hf)["tokens_per_layer"]
 
 
+    protected = torch.zeros_like(ids, dtype=torch.bool)
+    protected[:, 10:30] = True  # a span utr would otherwise thin out
+    with ssm_reduce.protect(hf, protected), ssm_reduce.protect(real, protected):
+        pa, pb = hf(ids), real(ids)
+    assert torch.equal(pa.kept_positions, pb.kept_positions), "protect(): kept positions differ"
+    assert all(set(range(10, 30)) <= set(row.tolist()) for row in pb.kept_positions), "protect(): a protected position was removed"
+    assert not torch.equal(pb.kept_positions, b.kept_positions)
+    torch.testing.assert_close(pb.logits, pa.logits, atol=1e-4, rtol=1e-4)
+
     last = real(ids, num_last_tokens=1)
     torch.testing.assert_close(last.logits, b.logits[:, -1:], atol=1e-5, rtol=1e-5)
     assert torch.equal(last.kept_positions, b.kept_positions[:, -1:])
