@@ -136,6 +136,19 @@ def _causal_conv(mixer, host, xbc, cache_params, attention_mask):
     return host.apply_mask_to_padding_states(xbc[:, :, -seq_len:].transpose(1, 2), attention_mask)
 
 
+def _previous_recurrent_state(cache_params, layer: int):
+    """The SSM state a Mamba-2 layer's cache already holds (None when empty), across transformers
+    versions: ``get_recurrent_state`` (5.2x) or the cache layer's ``recurrent_states`` (5.1x)."""
+    if cache_params is None:
+        return None
+    getter = getattr(cache_params, "get_recurrent_state", None)
+    if getter is not None:
+        return getter(layer, state_idx=0)
+    if cache_params.has_previous_state(layer):
+        return cache_params.layers[layer].recurrent_states[0]
+    return None
+
+
 def _ops_mamba2_mixer(mixer, hidden_states, cache_params, attention_mask, session):
     """transformers' Mamba2Mixer forward (prefill form) with the scan through ``ops.scan_score_mamba2``:
     the fused kernel on CUDA returns the token scores with y. Caches are updated as the host does."""
@@ -143,7 +156,7 @@ def _ops_mamba2_mixer(mixer, hidden_states, cache_params, attention_mask, sessio
     batch, seq_len, _ = hidden_states.shape
     dtype = hidden_states.dtype
     layer = mixer.layer_idx
-    recurrent_state = cache_params.get_recurrent_state(layer, state_idx=0) if cache_params is not None else None
+    recurrent_state = _previous_recurrent_state(cache_params, layer)
     projected = mixer.in_proj(host.apply_mask_to_padding_states(hidden_states, attention_mask))
     gate, xbc, dt = projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
     xbc = _causal_conv(mixer, host, xbc.transpose(1, 2), cache_params, attention_mask)
