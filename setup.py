@@ -89,7 +89,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0",
+        "transformers>=5.15",
         "einops>=0.7",
         "safetensors>=0.4",
         "tokenizers>=0.20",

@@ -132,6 +132,26 @@ def test_apply_plan(dtype, n):
                                **dict(zip(("rtol", "atol"), TOL[dtype])))
 
 
+def test_operands_the_kernels_cannot_read_exactly_fall_back_or_fail_cleanly():
+    """N outside the instantiated sizes and mixed dtypes run the reference; a CPU operand raises a
+    device error (from the reference, or the binding's own check) instead of reaching a kernel."""
+    args = m2_args(2, 70, 4, 16, 1, 24, torch.float32)  # N = 24: no kernel instance
+    assert_scan_close(ops.scan_score_mamba2(**args), R.scan_score_mamba2(**args), torch.float32)
+    args = m2_args(2, 70, 4, 16, 1, 16, torch.bfloat16)
+    args["dt"] = args["dt"].float()  # fp32 dt next to bf16 x: read at full precision by the reference
+    ref = R.scan_score_mamba2(**args)
+    for a, b in zip(ops.scan_score_mamba2(**args), ref):
+        assert torch.equal(a, b)
+    args = m2_args(2, 70, 4, 16, 1, 16, torch.float32)
+    args["D"] = args["D"].cpu()
+    with pytest.raises(RuntimeError):
+        ops.scan_score_mamba2(**args)
+    with pytest.raises(RuntimeError, match="must be on"):
+        torch.ops.ssm_reduce.scan_score_mamba2(args["x"], args["dt"], args["A"], args["B"], args["C"], args["D"],
+                                              None, None, None, True, 0.0, float("inf"), 0)
+    torch.cuda.synchronize()  # the context is still usable
+
+
 def test_opcheck():
     from torch.library import opcheck
 

@@ -64,3 +64,18 @@ def test_cpu_inputs_dispatch_to_the_references():
     for a, b in zip(ops.scan_score_mamba2(**args), R.scan_score_mamba2(**args)):
         assert torch.equal(a, b)
     assert ops.kernel_status()["loaded"] in (True, False)
+
+
+def test_scan_kernel_takes_only_operands_it_reads_exactly():
+    """The compiled scan is instantiated for N in KERNEL_DSTATES and reads dt, B, C, z as x's dtype;
+    anything else (N = 24, an fp32 dt next to bf16 x, an operand on another device) runs the reference."""
+    x = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16)
+    dt, bc = torch.zeros(1, 4, 2, dtype=torch.bfloat16), torch.zeros(1, 4, 1, 16, dtype=torch.bfloat16)
+    a, d = torch.zeros(2), torch.zeros(2)
+    fits = ops._scan_kernel_fits
+    assert fits(x, 16, (dt, bc, bc, None), (a, d, None, None))
+    assert [n for n in range(1, 300) if fits(x, n, (dt, bc, bc, None), (a, d, None, None))] == list(ops.KERNEL_DSTATES)
+    assert not fits(x, 16, (dt.float(), bc, bc, None), (a, d, None, None))
+    assert not fits(x, 16, (dt, bc, bc, torch.zeros(1, 4, 2, 8)), (a, d, None, None))
+    meta = torch.zeros(2, device="meta")
+    assert not fits(x, 16, (dt, bc, bc, None), (meta, d, None, None))

@@ -41,6 +41,9 @@ at::Tensor apply_plan(const at::Tensor &x, const at::Tensor &slot, const at::Ten
     TORCH_CHECK(slot.sizes() == at::IntArrayRef({batch, n_in}) && weight.sizes() == slot.sizes(),
                 "apply_plan: slot and weight must be (B, N)");
     TORCH_CHECK(n_out >= 0, "apply_plan: n_out must be >= 0");
+    TORCH_CHECK(slot.device() == x.device() && weight.device() == x.device(),
+                "apply_plan: slot and weight must be on ", x.device());
+    // slot values are -1 (dropped) or in [0, n_out): the plans ssm_reduce builds; others are undefined.
     const c10::cuda::CUDAGuard guard(x.device());
     auto out = at::empty({batch, n_out, dim}, x.options());
     if (batch == 0 || n_out == 0 || dim == 0) return out;
@@ -48,9 +51,10 @@ at::Tensor apply_plan(const at::Tensor &x, const at::Tensor &slot, const at::Ten
     auto column = at::where(slot.lt(0), at::full_like(slot, n_out), slot.to(at::kLong));
     auto rows = at::arange(batch, slot.options().dtype(at::kLong)).unsqueeze(1);
     auto key = (column + rows * (n_out + 1)).reshape({-1});
-    auto members = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-    auto counts = at::bincount(key, {}, (int64_t)batch * (n_out + 1));
-    auto offsets = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)});
+    auto sorted = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const auto &members = std::get<1>(sorted);
+    // offsets[k] = number of tokens in columns before k (no host synchronisation, unlike bincount)
+    auto offsets = at::searchsorted(std::get<0>(sorted), at::arange((int64_t)batch * (n_out + 1) + 1, key.options()));
     auto w = weight.to(at::kFloat).contiguous().reshape({-1});
     const int threads = dim >= 256 ? 256 : ((dim + 31) / 32) * 32;
     auto stream = c10::cuda::getCurrentCUDAStream();

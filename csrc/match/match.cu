@@ -119,6 +119,8 @@ std::vector<at::Tensor> match(const at::Tensor &src, const at::Tensor &dst, cons
     TORCH_CHECK(src.dim() == 3 && dst.dim() == 3 && src.size(0) == dst.size(0) && src.size(2) == dst.size(2),
                 "match: src (B, Ns, D) and dst (B, Nd, D) must share B and D");
     TORCH_CHECK(src.scalar_type() == dst.scalar_type(), "match: src and dst must share a dtype");
+    TORCH_CHECK(dst.device() == src.device() && src_mask.device() == src.device() && dst_mask.device() == src.device(),
+                "match: src, dst and both masks must be on ", src.device());
     const int batch = src.size(0), ns = src.size(1), nd = dst.size(1), dim = src.size(2);
     TORCH_CHECK(src_mask.sizes() == at::IntArrayRef({batch, ns}) && dst_mask.sizes() == at::IntArrayRef({batch, nd}),
                 "match: masks must be (B, Ns) and (B, Nd)");

@@ -275,6 +275,23 @@ const float *optional_float(const c10::optional<at::Tensor> &t) {
     return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
+// The kernels read every operand through raw pointers: all of them must live on x's device.
+void check_device(const char *op, const at::Tensor &x, std::initializer_list<const at::Tensor *> tensors,
+                  std::initializer_list<const c10::optional<at::Tensor> *> optionals) {
+    for (const auto *t : tensors)
+        TORCH_CHECK(t->device() == x.device(), op, ": every tensor must be on ", x.device(), ", got one on ", t->device());
+    for (const auto *t : optionals)
+        if (t->has_value())
+            TORCH_CHECK((*t)->device() == x.device(), op, ": every tensor must be on ", x.device(), ", got one on ",
+                        (*t)->device());
+}
+
+// dstate / kSplit states per lane: the instantiated counts.
+bool supported_dstate(int dstate) {
+    const int per = dstate / kSplit;
+    return dstate % kSplit == 0 && (per == 1 || per == 2 || per == 4 || per == 8 || per == 16 || per == 32);
+}
+
 }  // namespace
 
 // Returns (y, final_state, score_part (B, L, H * tiles), sq_part): see ssm_reduce/ops/reference.py.
@@ -291,7 +308,8 @@ std::vector<at::Tensor> scan_score_mamba2(const at::Tensor &x, const at::Tensor 
     TORCH_CHECK(C.sizes() == B.sizes(), "scan_score: C must have the shape of B");
     const int ngroups = B.size(2), dstate = B.size(3);
     TORCH_CHECK(nheads % ngroups == 0, "scan_score: heads must be a multiple of groups");
-    TORCH_CHECK(dstate % kSplit == 0 && dstate <= 32 * kSplit, "scan_score: dstate must be a multiple of 8, at most 256");
+    TORCH_CHECK(supported_dstate(dstate), "scan_score: dstate must be 8, 16, 32, 64, 128 or 256, got ", dstate);
+    check_device("scan_score", x, {&dt, &A, &B, &C}, {&D, &z, &dt_bias, &initial_state});
     TORCH_CHECK(A.numel() == nheads && A.scalar_type() == at::kFloat, "scan_score: A must be float32 (H)");
     TORCH_CHECK(dt.scalar_type() == x.scalar_type() && B.scalar_type() == x.scalar_type() &&
                     C.scalar_type() == x.scalar_type(), "scan_score: x, dt, B and C must share one dtype");
@@ -303,7 +321,7 @@ std::vector<at::Tensor> scan_score_mamba2(const at::Tensor &x, const at::Tensor 
     if (initial_state.has_value()) {
         TORCH_CHECK(initial_state->sizes() == at::IntArrayRef({batch, nheads, headdim, dstate}),
                     "scan_score: initial_state must be (B, H, P, N)");
-        init = initial_state->to(at::kFloat).contiguous();
+        init = initial_state->to(at::kFloat).contiguous();  // on x's device (checked above)
     }
     const c10::cuda::CUDAGuard guard(x.device());
     const int ntiles = ceil_div(headdim, kTile);
@@ -315,10 +333,11 @@ std::vector<at::Tensor> scan_score_mamba2(const at::Tensor &x, const at::Tensor 
         final_state.copy_(initial_state.has_value() ? init : at::zeros_like(final_state));
         return {y, final_state, score_part, sq_part};
     }
+    const auto A32 = A.contiguous();  // kept alive until the launch
     Mamba2Params p{};
     p.x = x.data_ptr(); p.dt = dt.data_ptr(); p.B = B.data_ptr(); p.C = C.data_ptr();
     p.z = z.has_value() ? z->data_ptr() : nullptr;
-    p.A = A.contiguous().data_ptr<float>(); p.D = optional_float(D); p.dt_bias = optional_float(dt_bias);
+    p.A = A32.data_ptr<float>(); p.D = optional_float(D); p.dt_bias = optional_float(dt_bias);
     p.init = initial_state.has_value() ? init.data_ptr<float>() : nullptr;
     p.y = y.data_ptr(); p.final_state = final_state.data_ptr<float>();
     p.score_part = score_part.data_ptr<float>(); p.sq_part = sq_part.data_ptr<float>();
@@ -350,7 +369,8 @@ std::vector<at::Tensor> scan_score_mamba1(const at::Tensor &u, const at::Tensor 
     TORCH_CHECK(delta.sizes() == u.sizes() && delta.scalar_type() == u.scalar_type(), "scan_score_mamba1: delta must match u");
     TORCH_CHECK(A.dim() == 2 && A.size(0) == dim && A.scalar_type() == at::kFloat, "scan_score_mamba1: A must be float32 (D, N)");
     const int dstate = A.size(1);
-    TORCH_CHECK(dstate % kSplit == 0 && dstate <= 32 * kSplit, "scan_score_mamba1: dstate must be a multiple of 8, at most 256");
+    TORCH_CHECK(supported_dstate(dstate), "scan_score_mamba1: dstate must be 8, 16, 32, 64, 128 or 256, got ", dstate);
+    check_device("scan_score_mamba1", u, {&delta, &A, &B, &C}, {&D, &z, &delta_bias, &initial_state});
     TORCH_CHECK(B.sizes() == at::IntArrayRef({batch, dstate, seqlen}) && C.sizes() == B.sizes(),
                 "scan_score_mamba1: B and C must be (B, N, L)");
     TORCH_CHECK(B.scalar_type() == u.scalar_type() && C.scalar_type() == u.scalar_type(), "scan_score_mamba1: B, C must match u's dtype");
@@ -361,7 +381,7 @@ std::vector<at::Tensor> scan_score_mamba1(const at::Tensor &u, const at::Tensor 
     at::Tensor init;
     if (initial_state.has_value()) {
         TORCH_CHECK(initial_state->sizes() == at::IntArrayRef({batch, dim, dstate}), "scan_score_mamba1: initial_state must be (B, D, N)");
-        init = initial_state->to(at::kFloat).contiguous();
+        init = initial_state->to(at::kFloat).contiguous();  // on x's device (checked above)
     }
     const c10::cuda::CUDAGuard guard(u.device());
     const int ntiles = ceil_div(dim, kTile);

@@ -109,20 +109,21 @@ def kernels_run_on(tensor: torch.Tensor) -> bool:
 
 
 def _use_kernel(*tensors: torch.Tensor) -> bool:
+    """The kernels serve these tensors: built, and all of them on one CUDA device."""
     module, _ = _load_extension()
-    return module is not None and all(t.is_cuda for t in tensors)
+    return module is not None and all(t.is_cuda and t.device == tensors[0].device for t in tensors)
 
 
 def match(src, dst, src_mask, dst_mask):
     """See ``reference.match``."""
-    if _use_kernel(src, dst):
+    if _use_kernel(src, dst, src_mask, dst_mask):
         return torch.ops.ssm_reduce.match(src, dst, src_mask, dst_mask)
     return reference.match(src, dst, src_mask, dst_mask)
 
 
 def apply_plan(x, slot, weight, n_out):
     """See ``reference.apply_plan``."""
-    if _use_kernel(x):
+    if _use_kernel(x, slot, weight):
         return torch.ops.ssm_reduce.apply_plan(x, slot, weight.float(), int(n_out))
     return reference.apply_plan(x, slot, weight, n_out)
 
@@ -132,18 +133,26 @@ def _finish_scores(score_part, sq_part, channels: int, metric: str):
     return (total.sqrt() if metric == "l2" else total), sq_part.sum(-1)
 
 
-def _scan_supported(dstate: int) -> bool:
-    return dstate % 8 == 0 and dstate <= 256
+# State sizes the scan kernels are instantiated for (8 lanes per channel, 1-32 states per lane).
+KERNEL_DSTATES = (8, 16, 32, 64, 128, 256)
+
+
+def _scan_kernel_fits(x, dstate: int, same_dtype, same_device) -> bool:
+    """Whether a scan's operands suit the compiled kernel: a supported state size, the streamed inputs
+    (dt, B, C, z) in x's dtype (the kernel reads them as x's type; anything else would be rounded),
+    and every operand on x's device. Otherwise the reference runs (and reports a device mismatch)."""
+    return (dstate in KERNEL_DSTATES and all(t is None or t.dtype == x.dtype for t in same_dtype)
+            and all(t is None or t.device == x.device for t in (*same_dtype, *same_device)))
 
 
 def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, dt_softplus=True,
                       dt_min=0.0, dt_max=float("inf"), metric="clip"):
     """See ``reference.scan_score_mamba2``."""
-    if not (_use_kernel(x, dt, B, C) and _scan_supported(B.shape[-1])):
+    if not (_use_kernel(x) and _scan_kernel_fits(x, B.shape[-1], (dt, B, C, z), (A, D, dt_bias, initial_state))):
         return reference.scan_score_mamba2(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max, metric)
     as_f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
     y, state, part, sq = torch.ops.ssm_reduce.scan_score_mamba2(
-        x, dt.to(x.dtype), A.float().contiguous(), B.to(x.dtype), C.to(x.dtype), as_f32(D), z, as_f32(dt_bias),
+        x, dt, A.float().contiguous(), B, C, as_f32(D), z, as_f32(dt_bias),
         initial_state, bool(dt_softplus), float(dt_min), float(dt_max), METRIC_CODES[metric],
     )
     return (y, state, *_finish_scores(part, sq, x.shape[2] * x.shape[3], metric))
@@ -152,11 +161,11 @@ def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_stat
 def scan_score_mamba1(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, delta_softplus=True,
                       metric="clip"):
     """See ``reference.scan_score_mamba1``."""
-    if not (_use_kernel(u, delta, B, C) and _scan_supported(A.shape[-1])):
+    if not (_use_kernel(u) and _scan_kernel_fits(u, A.shape[-1], (delta, B, C, z), (A, D, delta_bias, initial_state))):
         return reference.scan_score_mamba1(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, metric)
     as_f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
     y, state, part, sq = torch.ops.ssm_reduce.scan_score_mamba1(
-        u, delta.to(u.dtype), A.float().contiguous(), B.to(u.dtype), C.to(u.dtype), as_f32(D), z, as_f32(delta_bias),
+        u, delta, A.float().contiguous(), B, C, as_f32(D), z, as_f32(delta_bias),
         initial_state, bool(delta_softplus), METRIC_CODES[metric],
     )
     return (y, state, *_finish_scores(part, sq, u.shape[1], metric))
