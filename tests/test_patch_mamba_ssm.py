@@ -202,19 +202,49 @@ def test_ops_anchor_mixers_compute_the_host_mixer(family_name):
         torch.testing.assert_close(y, seen["y"], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_ops_path_anchors_match_the_host_path_and_keep_instance_forwards(pair):
+    """Anchors forced through ssm_reduce.ops (CUDA's route) pick the same tokens as the host path, and
+    an instance-level ``forward`` on the mixer (as accelerate installs) is still there afterwards."""
+    _, ssm = pair
+    for block in ssm.backbone.layers:
+        _as_mamba_ssm_mixer(block.mixer)
+    ids = random_tokens(2, 60)
+    ssm_reduce.apply(ssm, method="utr", keep_ratio=0.7, layers=[2, 4])
+    host = ssm(ids)
+    mixer = ssm.backbone.layers[2].mixer
+    bound, seen = mixer.forward, []
+
+    def wrapper(*args, **kwargs):
+        seen.append(1)
+        return bound(*args, **kwargs)
+
+    mixer.forward = wrapper
+    runtime_of(ssm).ops_mixer = True
+    forced = ssm(ids)
+    assert torch.equal(forced.kept_positions, host.kept_positions)
+    torch.testing.assert_close(forced.logits, host.logits, atol=1e-5, rtol=1e-5)
+    assert mixer.__dict__["forward"] is wrapper and not seen  # bypassed at the anchor, then put back
+    runtime_of(ssm).ops_mixer = None
+    ssm_reduce.remove(ssm)
+    ssm(ids)
+    assert seen
+
+
 @pytest.mark.skipif(not os.environ.get(mamba_ssm_cpu.ENV),
                     reason=f"set {mamba_ssm_cpu.ENV} to an unpacked mamba-ssm sdist (and a triton install) to run "
                            "the real mamba_ssm classes on CPU with their reference kernels (eval/gpu_setup.md)")
 def test_real_mamba_ssm_classes_on_cpu_with_reference_kernels(tmp_path):
     """The real mamba_ssm package (its kernels swapped for its own torch references, in a separate
     interpreter) against the transformers adapter: dense and reduced logits, kept positions, the
-    fused / unfused / ops path of every layer, num_last_tokens, greedy generate, remove."""
+    fused / unfused / ops path of every layer, num_last_tokens, protect, greedy generate, remove, the
+    loader; and a norm-less, per-channel-D, two-group Mamba-2 through both anchor scans."""
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-m", "tests.mamba_ssm_cpu", str(tmp_path)], cwd=root,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [r["layer"] for r in results] == ["Mamba1", "Mamba2"]
+    assert [r["layer"] for r in results][:2] == ["Mamba1", "Mamba2"] and len(results) == 3
     assert all(r["reduced_tokens"][1] < r["reduced_tokens"][0] for r in results)
 
 

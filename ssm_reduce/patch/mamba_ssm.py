@@ -19,11 +19,15 @@ plan and handed on, exactly where the transformers adapter reduces inside its bl
   gated RMSNorm, out_proj — about one extra read and write of the layer's activations), with y read
   at the gated norm's input; or run the mixer through ``ssm_reduce.ops`` (in_proj, conv,
   ``scan_score_mamba2`` / ``scan_score_mamba1``, gate, out_proj), which returns y and its scores from
-  the scan itself. The ops path is taken where the compiled kernels run (CUDA), and wherever the host
-  has no pre-gate y to read: Mamba-1 (its scan gates y inside, and its fast path also fuses out_proj)
-  and Mamba-2 without the gated norm (``rmsnorm=False``). The block's own add + norm always run as
-  the host wrote them; only the mixer call is replaced, and the generation cache (conv and SSM
-  states in ``inference_params``) is filled exactly as the host mixer fills it.
+  the scan itself. The ops path is taken where the compiled kernels run (CUDA, state sizes
+  ``ops.KERNEL_DSTATES``), and wherever the host has no pre-gate y to read: Mamba-1 (its scan gates y
+  inside, and its fast path also fuses out_proj) and Mamba-2 without the gated norm
+  (``rmsnorm=False``); where the compiled kernel does not serve, those mixers call the host's own
+  scan function without its gate and gate y themselves. The block's own add + norm always run as the
+  host wrote them; only the mixer call is replaced (an instance-level ``forward`` installed on the
+  mixer, e.g. by an accelerate hook, is bypassed for that call and put back after), and the
+  generation cache (conv and SSM states in ``inference_params``) is filled exactly as the host
+  mixer fills it. Per-channel D (``D_has_hdim``) is added outside the scan.
 """
 
 from __future__ import annotations
@@ -81,8 +85,24 @@ def _conv(mixer, x, seqlen):
     return mixer.act(mixer.conv1d(x)[..., :seqlen])
 
 
+def _kernel_scans(mixer, x) -> bool:
+    """Whether ssm_reduce's compiled scan-and-score kernel serves this mixer's scan."""
+    return ops.kernels_run_on(x) and getattr(mixer, "d_state", 0) in ops.KERNEL_DSTATES
+
+
+def _host_scan(mixer, session, x, name):
+    """The host module's own scan function ``name`` where ssm_reduce's kernel does not serve (the
+    torch reference scan, step by step, would be far slower there); None to scan through
+    ``ssm_reduce.ops`` (``runtime.ops_mixer = True`` forces that, as on CUDA with the kernels)."""
+    if session.runtime.ops_mixer or _kernel_scans(mixer, x):
+        return None
+    return getattr(sys.modules[type(mixer).__module__], name, None)
+
+
 def _ops_mamba2(mixer, session, u, inference_params=None):
-    """mamba_ssm ``Mamba2.forward`` (prefill form) with the scan through ``ops.scan_score_mamba2``."""
+    """mamba_ssm ``Mamba2.forward`` (prefill form) with the scan through ``ops.scan_score_mamba2`` (or the
+    host's scan without its gate, where the compiled kernel does not serve); y is captured before the
+    gate."""
     batch, seqlen, _ = u.shape
     conv_state = ssm_state = None
     if inference_params is not None:
@@ -97,17 +117,29 @@ def _ops_mamba2(mixer, session, u, inference_params=None):
     xbc = _conv(mixer, xbc, seqlen).transpose(1, 2)
     x, b, c = torch.split(xbc, [mixer.d_ssm, groups_state, groups_state], dim=-1)
     metric = session.runtime.config.importance
-    y, final_state, score, _ = ops.scan_score_mamba2(
-        x.reshape(batch, seqlen, mixer.nheads, mixer.headdim), dt, -torch.exp(mixer.A_log.float()),
-        b.reshape(batch, seqlen, mixer.ngroups, -1), c.reshape(batch, seqlen, mixer.ngroups, -1),
-        D=mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True, dt_min=float(mixer.dt_limit[0]),
-        dt_max=float(mixer.dt_limit[1]), metric=metric,
-    )
+    x = x.reshape(batch, seqlen, mixer.nheads, mixer.headdim)
+    b, c = b.reshape(batch, seqlen, mixer.ngroups, -1), c.reshape(batch, seqlen, mixer.ngroups, -1)
+    A = -torch.exp(mixer.A_log.float())
+    per_channel_d = getattr(mixer, "D_has_hdim", False)  # D (H * P): added here, not by the scan
+    host_scan = _host_scan(mixer, session, x, "mamba_chunk_scan_combined")
+    score = None
+    if host_scan is None:
+        y, final_state, score, _ = ops.scan_score_mamba2(
+            x, dt, A, b, c, D=None if per_channel_d else mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True,
+            dt_min=float(mixer.dt_limit[0]), dt_max=float(mixer.dt_limit[1]), metric=metric,
+        )
+    else:  # no compiled kernel here: the host's own scan without its gate (y is scored by the session)
+        y, final_state = host_scan(x, dt, A, b, c, chunk_size=mixer.chunk_size, D=None if per_channel_d else mixer.D,
+                                   dt_bias=mixer.dt_bias, dt_softplus=True, dt_limit=tuple(mixer.dt_limit),
+                                   return_final_states=True)
+    if per_channel_d:
+        y, score = y + x * mixer.D.view(mixer.nheads, mixer.headdim).to(x.dtype), None
     if ssm_state is not None:
         ssm_state.copy_(final_state)
     y = y.reshape(batch, seqlen, -1)
     session.capture("ssm", y)
-    session.capture_score("ssm", metric, score)
+    if score is not None:
+        session.capture_score("ssm", metric, score)
     y = mixer.norm(y, z) if mixer.rmsnorm else y * F.silu(z)
     if d_mlp > 0:
         y = torch.cat([F.silu(z0) * x0, y], dim=-1)
@@ -115,8 +147,9 @@ def _ops_mamba2(mixer, session, u, inference_params=None):
 
 
 def _ops_mamba1(mixer, session, u, inference_params=None):
-    """mamba_ssm ``Mamba.forward`` (prefill form) with the scan through ``ops.scan_score_mamba1``,
-    which exposes y before the z gate."""
+    """mamba_ssm ``Mamba.forward`` (prefill form) with the scan through ``ops.scan_score_mamba1`` (or the
+    host's ``selective_scan_fn`` without its gate, where the compiled kernel does not serve), which
+    exposes y before the z gate."""
     batch, seqlen, _ = u.shape
     conv_state = ssm_state = None
     if inference_params is not None:
@@ -127,19 +160,26 @@ def _ops_mamba1(mixer, session, u, inference_params=None):
     x = _conv(mixer, x, seqlen)
     dt, b, c = torch.split(mixer.x_proj(x.transpose(1, 2)), [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
     config = session.runtime.config
-    need_y = config.similarity_source == "ssm"  # y itself, not only its score, is needed for matching
-    y, final_state, score, _ = ops.scan_score_mamba1(
-        x, mixer.dt_proj.weight @ dt.transpose(1, 2), -torch.exp(mixer.A_log.float()), b.transpose(1, 2),
-        c.transpose(1, 2), D=mixer.D.float(), z=None if need_y else z,
-        delta_bias=None if mixer.dt_proj.bias is None else mixer.dt_proj.bias.float(), delta_softplus=True,
-        metric=config.importance,
-    )
+    dt, b, c = mixer.dt_proj.weight @ dt.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2)
+    A = -torch.exp(mixer.A_log.float())
+    delta_bias = None if mixer.dt_proj.bias is None else mixer.dt_proj.bias.float()
+    host_scan = _host_scan(mixer, session, x, "selective_scan_fn")
+    if host_scan is None:
+        need_y = config.similarity_source == "ssm"  # y itself, not only its score, is needed for matching
+        y, final_state, score, _ = ops.scan_score_mamba1(
+            x, dt, A, b, c, D=mixer.D.float(), z=None if need_y else z, delta_bias=delta_bias, delta_softplus=True,
+            metric=config.importance,
+        )
+        session.capture_score("ssm", config.importance, score)
+    else:  # no compiled kernel here: the host's own scan without its gate (y is scored by the session)
+        need_y = True
+        y, final_state = host_scan(x, dt, A, b, c, mixer.D.float(), z=None, delta_bias=delta_bias, delta_softplus=True,
+                                   return_last_state=True)
     if ssm_state is not None:
         ssm_state.copy_(final_state)
     if need_y:
         session.capture("ssm", y.transpose(1, 2))
         y = y * F.silu(z)
-    session.capture_score("ssm", config.importance, score)
     return mixer.out_proj(y.transpose(1, 2).to(u.dtype))
 
 
@@ -151,11 +191,12 @@ def _ops_mixer_for(mixer, session, hidden_states):
     use = session.runtime.ops_mixer
     if use is None:
         gated_inside = not mamba2 or not getattr(mixer, "rmsnorm", True)
-        use = (needs_y and gated_inside) or ops.kernels_run_on(hidden_states)
+        # on CUDA, the fused scan-and-score kernel, if it serves this state size
+        use = (needs_y and gated_inside) or _kernel_scans(mixer, hidden_states)
     if not use:
         return None
-    if mamba2 and (getattr(mixer, "D_has_hdim", False) or getattr(mixer, "process_group", None) is not None):
-        return None  # per-channel D or tensor parallelism: the host's unfused path
+    if mamba2 and getattr(mixer, "process_group", None) is not None:
+        return None  # tensor parallelism: the host's unfused path
     return _ops_mamba2 if mamba2 else _ops_mamba1
 
 
@@ -168,11 +209,16 @@ class _BlockMixin:
         ops_mixer = None if mixer_kwargs else _ops_mixer_for(mixer, session, hidden_states)
         if ops_mixer is not None:
             # the block's add + norm run as the host wrote them; only the mixer call is replaced
+            # (an instance-level forward someone installed, e.g. an accelerate hook, is put back after)
+            previous = mixer.__dict__.get("forward")
             mixer.forward = lambda u, inference_params=None: ops_mixer(mixer, session, u, inference_params)
             try:
                 hidden_states, residual = super().forward(hidden_states, residual, inference_params=inference_params)
             finally:
-                del mixer.forward
+                if previous is None:
+                    del mixer.forward
+                else:
+                    mixer.forward = previous
             return session.reduce(self.layer_idx, hidden_states, residual)
         flags = {name: getattr(mixer, name) for name in _FAST_PATH_FLAGS if hasattr(mixer, name)}
         for name in flags:
