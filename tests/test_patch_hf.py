@@ -1,5 +1,7 @@
 """Patching transformers Mamba / Mamba-2 models: exactness, invariances, generation, errors."""
 
+import sys
+
 import pytest
 import torch
 
@@ -436,3 +438,33 @@ def test_inputs_embeds_path(model):
     by_embeds = model(inputs_embeds=model.get_input_embeddings()(ids))
     assert torch.equal(by_ids.kept_positions, by_embeds.kept_positions)
     torch.testing.assert_close(by_ids.logits, by_embeds.logits)
+
+
+@torch.no_grad()
+def test_mamba1_anchors_through_the_host_scan_equal_the_reference_scan(monkeypatch):
+    """Where the compiled kernels do not serve on CUDA, Mamba-1 anchors call the host's own scan without
+    its gate (mamba_ssm's kernel where installed); forced here on CPU, it must pick the same tokens and
+    fill the same cache as the reference scan."""
+    from ssm_reduce.patch import hf as hf_adapter
+
+    host = sys.modules[type(FAMILIES["mamba"]().backbone.layers[0].mixer).__module__]
+    scan, calls = host.mamba_selective_scan, []
+    monkeypatch.setattr(host, "mamba_selective_scan", lambda *a, **k: calls.append(1) or scan(*a, **k))
+    model = FAMILIES["mamba"]()
+    ids, mask = left_padded(2, 48, [0, 6], seed=4)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    results, counts = [], []
+    for host_scan in (False, True):
+        monkeypatch.setattr(hf_adapter, "_host_scan_serves", lambda session, hidden, v=host_scan: v)
+        calls.clear()
+        out = model(ids, attention_mask=mask)
+        counts.append(len(calls))
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        results.append((out, gen))
+    (a, ga), (b, gb) = results
+    assert counts[1] == counts[0] + len(runtime_of(model).resolved.anchors)  # the anchors took the host scan
+    assert a.logits.shape[1] < 48 and torch.equal(a.kept_positions, b.kept_positions)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(ga.sequences, gb.sequences)
+    torch.testing.assert_close(torch.stack(gb.logits), torch.stack(ga.logits), atol=1e-4, rtol=1e-4)

@@ -177,9 +177,17 @@ def _ops_mamba2_mixer(mixer, hidden_states, cache_params, attention_mask, sessio
     return mixer.out_proj(mixer.norm(y, gate).to(dtype))
 
 
+def _host_scan_serves(session, hidden_states) -> bool:
+    """On CUDA without ssm_reduce's compiled kernels, Mamba-1 anchors scan with the host's own scan
+    function (mamba_ssm's kernel where installed) rather than the step-by-step torch reference; on a
+    CPU the reference is the faster of the two. ``runtime.ops_mixer = True`` forces the reference."""
+    return not session.runtime.ops_mixer and hidden_states.is_cuda and not ops.kernels_run_on(hidden_states)
+
+
 def _ops_mamba_mixer(mixer, hidden_states, cache_params, attention_mask, session):
-    """transformers' MambaMixer forward (prefill form) with the scan through ``ops.scan_score_mamba1``,
-    which exposes the scan output y before the z gate (the host's scan gates inside)."""
+    """transformers' MambaMixer forward (prefill form) with the scan through ``ops.scan_score_mamba1``
+    (or, on CUDA without the compiled kernels, the host's scan without its gate), which exposes the scan
+    output y before the z gate (the host's mixer gates inside its scan)."""
     host = sys.modules[type(mixer).__module__]
     dtype = hidden_states.dtype
     projected = mixer.in_proj(host.apply_mask_to_padding_states(hidden_states, attention_mask)).transpose(1, 2)
@@ -190,18 +198,26 @@ def _ops_mamba_mixer(mixer, hidden_states, cache_params, attention_mask, session
     )
     time_step = mixer.dt_proj.weight @ time_step.transpose(1, 2)
     config = session.runtime.config
-    need_y = config.similarity_source == "ssm"  # y itself, not only its score, is needed for matching
-    y, final_state, score, _ = ops.scan_score_mamba1(
-        xbc.transpose(1, 2), time_step, -torch.exp(mixer.A_log.float()), b.transpose(1, 2), c.transpose(1, 2),
-        D=mixer.D, z=None if need_y else gate, delta_bias=mixer.dt_proj.bias, delta_softplus=True,
-        metric=config.importance,
-    )
+    args = (xbc.transpose(1, 2), time_step, -torch.exp(mixer.A_log.float()), b.transpose(1, 2), c.transpose(1, 2))
+    if _host_scan_serves(session, hidden_states) and hasattr(host, "mamba_selective_scan"):
+        # the host's scan without its gate (mamba_ssm's CUDA kernel where installed); the session
+        # scores y itself
+        need_y, score = True, None
+        y, final_state = host.mamba_selective_scan(*args, D=mixer.D.float(), z=None, delta_bias=mixer.dt_proj.bias,
+                                                   delta_softplus=True, return_last_state=True)
+    else:
+        need_y = config.similarity_source == "ssm"  # y itself, not only its score, is needed for matching
+        y, final_state, score, _ = ops.scan_score_mamba1(
+            *args, D=mixer.D, z=None if need_y else gate, delta_bias=mixer.dt_proj.bias, delta_softplus=True,
+            metric=config.importance,
+        )
     if cache_params is not None:
         cache_params.update_recurrent_state(final_state, mixer.layer_idx)
     if need_y:
         session.capture("ssm", y.transpose(1, 2))
         y = y * torch.nn.functional.silu(gate)
-    session.capture_score("ssm", config.importance, score)
+    if score is not None:
+        session.capture_score("ssm", config.importance, score)
     return mixer.out_proj(y.transpose(1, 2).to(dtype))
 
 
