@@ -83,3 +83,29 @@ def assert_same_model(model, reference_state, reference_class):
     assert state.keys() == reference_state.keys()
     for k, v in reference_state.items():
         assert torch.equal(state[k], v), k
+
+
+def ops_anchor_setup(seq_len=37):
+    """A mixer input and an open reduction session, for calling an adapter's ops-path anchor mixer
+    directly (similarity from y, so y itself is captured)."""
+    from ssm_reduce.runtime import Runtime, Session, TokenState
+
+    x = torch.randn(2, seq_len, 32, generator=torch.Generator().manual_seed(0))
+    config = ssm_reduce.ReduceConfig(keep_ratio=0.7, similarity_source="ssm").resolve(6, 4)
+    return x, Session(Runtime(config), TokenState.initial(2, seq_len, torch.device("cpu")), torch.long)
+
+
+def assert_captured_pre_gate_y(session, mixer, x, mamba2: bool) -> torch.Tensor:
+    """The session holds y before the gate and its clip scores; for Mamba-2, y is the tensor the host
+    mixer feeds its gated norm."""
+    from ssm_reduce.reduce import importance_scores
+
+    y = session.captured["ssm"]
+    assert torch.equal(session.captured_scores[("ssm", "clip")], importance_scores(y, "clip"))
+    if mamba2:
+        seen = {}
+        handle = mixer.norm.register_forward_pre_hook(lambda m, a: seen.setdefault("y", a[0]))
+        mixer(x)
+        handle.remove()
+        torch.testing.assert_close(y, seen["y"], atol=1e-5, rtol=1e-5)
+    return y

@@ -9,7 +9,8 @@ import ssm_reduce
 from ssm_reduce.patch.base import runtime_of
 from ssm_reduce.runtime import replay
 
-from .conftest import FAMILIES, assert_same_model, left_padded, random_tokens, state_dict_copy
+from .conftest import (FAMILIES, assert_captured_pre_gate_y, assert_same_model, left_padded, ops_anchor_setup,
+                       random_tokens, state_dict_copy)
 
 METHODS = ssm_reduce.METHODS
 
@@ -255,24 +256,13 @@ def test_ops_mixer_equals_the_host_mixer(family_name):
     """The anchor path that scans through ssm_reduce.ops (the fused kernels on CUDA) computes the
     host mixer's output and scores y before its gate."""
     from ssm_reduce.patch.hf import _ops_mamba2_mixer, _ops_mamba_mixer
-    from ssm_reduce.reduce import importance_scores
-    from ssm_reduce.runtime import Runtime, Session, TokenState
 
     model = FAMILIES[family_name]()
     mixer = model.backbone.layers[1].mixer
-    x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(0))
-    config = ssm_reduce.ReduceConfig(keep_ratio=0.7, similarity_source="ssm").resolve(6, 4)
-    session = Session(Runtime(config), TokenState.initial(2, 37, torch.device("cpu")), torch.long)
+    x, session = ops_anchor_setup()
     fn = _ops_mamba2_mixer if family_name == "mamba2" else _ops_mamba_mixer
     torch.testing.assert_close(fn(mixer, x, None, None, session), mixer(x), atol=1e-5, rtol=1e-5)
-    y = session.captured["ssm"]
-    assert torch.equal(session.captured_scores[("ssm", "clip")], importance_scores(y, "clip"))
-    if family_name == "mamba2":  # the host exposes y at its gated norm: the same tensor
-        seen = {}
-        handle = mixer.norm.register_forward_pre_hook(lambda m, a: seen.setdefault("y", a[0]))
-        mixer(x)
-        handle.remove()
-        torch.testing.assert_close(y, seen["y"], atol=1e-5, rtol=1e-5)
+    assert_captured_pre_gate_y(session, mixer, x, family_name == "mamba2")
 
 
 @torch.no_grad()

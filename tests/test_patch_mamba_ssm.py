@@ -24,7 +24,7 @@ import ssm_reduce
 from ssm_reduce.patch.base import runtime_of
 
 from . import mamba_ssm_cpu
-from .conftest import random_tokens, tiny_mamba, tiny_mamba2
+from .conftest import assert_captured_pre_gate_y, ops_anchor_setup, random_tokens, tiny_mamba, tiny_mamba2
 
 LMOutput = namedtuple("LMOutput", ["logits"])
 
@@ -178,28 +178,18 @@ def _as_mamba_ssm_mixer(mixer):
 @pytest.mark.parametrize("family_name", ["mamba2", "mamba"])
 @torch.no_grad()
 def test_ops_anchor_mixers_compute_the_host_mixer(family_name):
-    """The anchor mixers that scan through ssm_reduce.ops (CUDA anchors; Mamba-1 anchors everywhere)
-    compute the mixer's output and capture y before the gate with its scores."""
+    """The anchor mixers that scan through ssm_reduce.ops (CUDA anchors with the kernels; anchors whose
+    host has no scan to call without its gate) compute the mixer's output and capture y before the
+    gate with its scores."""
     from ssm_reduce.patch.mamba_ssm import _ops_mamba1, _ops_mamba2
-    from ssm_reduce.reduce import importance_scores
-    from ssm_reduce.runtime import Runtime, Session, TokenState
 
     model = (tiny_mamba2 if family_name == "mamba2" else tiny_mamba)()
     mixer = _as_mamba_ssm_mixer(model.backbone.layers[1].mixer)
-    x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(0))
-    config = ssm_reduce.ReduceConfig(keep_ratio=0.7, similarity_source="ssm").resolve(6, 4)
-    session = Session(Runtime(config), TokenState.initial(2, 37, torch.device("cpu")), torch.long)
+    x, session = ops_anchor_setup()
     fn = _ops_mamba2 if family_name == "mamba2" else _ops_mamba1
     torch.testing.assert_close(fn(mixer, session, x), mixer(x), atol=1e-5, rtol=1e-5)
-    y = session.captured["ssm"]
+    y = assert_captured_pre_gate_y(session, mixer, x, family_name == "mamba2")
     assert y.shape == (2, 37, 64)
-    assert torch.equal(session.captured_scores[("ssm", "clip")], importance_scores(y, "clip"))
-    if family_name == "mamba2":  # the host exposes y at its gated norm: the same tensor
-        seen = {}
-        handle = mixer.norm.register_forward_pre_hook(lambda m, a: seen.setdefault("y", a[0]))
-        mixer(x)
-        handle.remove()
-        torch.testing.assert_close(y, seen["y"], atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
