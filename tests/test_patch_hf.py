@@ -458,3 +458,23 @@ def test_mamba1_anchors_through_the_host_scan_equal_the_reference_scan(monkeypat
     torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(ga.sequences, gb.sequences)
     torch.testing.assert_close(torch.stack(gb.logits), torch.stack(ga.logits), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_mamba2_ops_anchors_continue_from_a_filled_cache():
+    """A multi-token forward on top of a cache (chunked prefill) starts the ops-path anchors from the
+    layer's cached SSM state, as the host mixer does."""
+    model = FAMILIES["mamba2"]()
+    ids = random_tokens(2, 60)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7, similarity_source="ssm")
+    runtime = runtime_of(model)
+    results = []
+    for use_ops in (False, True):
+        runtime.ops_mixer = use_ops
+        first = model(ids[:, :40], use_cache=True)
+        cache = getattr(first, "cache_params", None) or first.past_key_values
+        results.append(model(ids[:, 40:], cache_params=cache, use_cache=True))
+    runtime.ops_mixer = None
+    host, via_ops = results
+    assert host.logits.shape[1] < 20 and torch.equal(host.kept_positions, via_ops.kept_positions)
+    torch.testing.assert_close(via_ops.logits, host.logits, atol=1e-5, rtol=1e-5)
