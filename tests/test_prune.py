@@ -272,3 +272,17 @@ def test_semi_structured_conversion_on_gpu():
     assert converted
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "mrp"])
+def test_second_order_methods_do_not_depend_on_the_hessian_scale_with_dead_inputs(method):
+    """H and s*H describe the same problem; inputs that never fire must not bring a fixed scale in."""
+    w, h = correlated_problem(seed=5)
+    w, h = w.double(), h.double()
+    h[3, :] = h[:, 3] = 0
+    h[40, :] = h[:, 40] = 0
+    a, mask_a, stats_a = prune_linear(w, h, method=method, sparsity=0.5)
+    b, mask_b, stats_b = prune_linear(w, 1e-4 * h, method=method, sparsity=0.5)
+    assert torch.equal(mask_a, mask_b)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert stats_a.relative_error == pytest.approx(stats_b.relative_error, rel=1e-6)

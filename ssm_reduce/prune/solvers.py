@@ -135,8 +135,12 @@ def _score_mask(scores: torch.Tensor, sparsity: Optional[float], nm: Optional[tu
 
 def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0  # inputs that never fire: any value works, keep the matrix invertible
+    diag = torch.diag(h)
+    dead = diag == 0
+    # inputs that never fire: any value works; the live inputs' mean keeps the matrix invertible without
+    # changing its scale (so the damping, relative to the mean diagonal, means the same at any scale)
+    live_mean = diag[~dead].mean() if bool((~dead).any()) else torch.ones((), dtype=h.dtype, device=h.device)
+    h[dead, dead] = live_mean
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     return h
 
