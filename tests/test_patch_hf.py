@@ -445,7 +445,8 @@ def test_mamba1_anchors_through_the_host_scan_equal_the_reference_scan(monkeypat
     ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
     results, counts = [], []
     for host_scan in (False, True):
-        monkeypatch.setattr(hf_adapter, "_host_scan_serves", lambda session, hidden, v=host_scan: v)
+        monkeypatch.setattr(hf_adapter, "_host_selective_scan",
+                            lambda host, hidden, v=host_scan: host.mamba_selective_scan if v else None)
         calls.clear()
         out = model(ids, attention_mask=mask)
         counts.append(len(calls))

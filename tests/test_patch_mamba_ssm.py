@@ -37,6 +37,7 @@ def stand_in_classes():
             super().__init__(config, layer_idx)
             self.use_mem_eff_path = True
             self.d_conv = config.conv_kernel
+            self.d_state = config.state_size
             self.fast_path_calls = 0
 
         def forward(self, u, inference_params=None, **kwargs):

@@ -137,10 +137,17 @@ def _finish_scores(score_part, sq_part, channels: int, metric: str):
 KERNEL_DSTATES = (8, 16, 32, 64, 128, 256)
 
 
+def scan_kernel_serves(x: torch.Tensor, dstate: int) -> bool:
+    """Whether the compiled scan-and-score kernel runs a scan of input ``x`` with state size ``dstate``
+    (built, x on CUDA, an instantiated state size)."""
+    return dstate in KERNEL_DSTATES and _use_kernel(x)
+
+
 def _scan_kernel_fits(x, dstate: int, same_dtype, same_device) -> bool:
-    """Whether a scan's operands suit the compiled kernel: a supported state size, the streamed inputs
-    (dt, B, C, z) in x's dtype (the kernel reads them as x's type; anything else would be rounded),
-    and every operand on x's device. Otherwise the reference runs (and reports a device mismatch)."""
+    """Whether a scan's operands suit the compiled kernel: an instantiated state size, the streamed
+    inputs (dt, B, C, z) in x's dtype (the kernel reads them as x's type; anything else would be
+    rounded), and every operand on x's device. Otherwise the reference runs (and reports a device
+    mismatch)."""
     return (dstate in KERNEL_DSTATES and all(t is None or t.dtype == x.dtype for t in same_dtype)
             and all(t is None or t.device == x.device for t in (*same_dtype, *same_device)))
 

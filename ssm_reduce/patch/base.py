@@ -12,7 +12,9 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
+from .. import ops
 from ..runtime import MATCHING_METHODS, Runtime
 
 RUNTIME_ATTR = "_ssm_reduce_runtime"
@@ -78,6 +80,37 @@ def sources_to_capture(config) -> set[str]:
         needed.add(config.similarity_source)
     needed.discard("block")
     return needed
+
+
+def anchor_host_scan(session, x: torch.Tensor, dstate: int, host_fn):
+    """Which scan an anchor mixer runs: None for ``ssm_reduce.ops`` (where the compiled kernel serves,
+    or where ``runtime.ops_mixer = True`` forces it), else the host's own scan function ``host_fn``
+    (called without its gate), else None again (the torch reference) when the host has none."""
+    if session.runtime.ops_mixer or ops.scan_kernel_serves(x, dstate):
+        return None
+    return host_fn
+
+
+def anchor_scan_mamba1(session, host_fn, u, delta, A, B, C, D, z, delta_bias):
+    """The scan of a Mamba-1 anchor mixer, (B, D, L) operands as in ``ops.scan_score_mamba1``: captures
+    y before the z gate (and its score, when the scan computes it) and returns (gated y, final state).
+    ``host_fn``: the host's selective scan to call without its gate, or None for ``ssm_reduce.ops``."""
+    config = session.runtime.config
+    if host_fn is None:
+        need_y = config.similarity_source == "ssm"  # y itself, not only its score, is needed for matching
+        y, final_state, score, _ = ops.scan_score_mamba1(
+            u, delta, A, B, C, D=D, z=None if need_y else z, delta_bias=delta_bias, delta_softplus=True,
+            metric=config.importance,
+        )
+        session.capture_score("ssm", config.importance, score)
+    else:  # the session scores y itself
+        need_y = True
+        y, final_state = host_fn(u, delta, A, B, C, D=D, z=None, delta_bias=delta_bias, delta_softplus=True,
+                                 return_last_state=True)
+    if need_y:
+        session.capture("ssm", y.transpose(1, 2))
+        y = y * F.silu(z)
+    return y, final_state
 
 
 def capture_hook(runtime: Runtime, name: str):

@@ -33,7 +33,7 @@ import torch
 from .. import ops
 
 from ..runtime import Runtime, kept_positions_for
-from .base import PARENT_ATTR, Adapter, register, runtime_of
+from .base import PARENT_ATTR, Adapter, anchor_host_scan, anchor_scan_mamba1, register, runtime_of, sources_to_capture
 
 _CAUSAL_LM = ("MambaForCausalLM", "Mamba2ForCausalLM")
 _BACKBONES = ("MambaModel", "Mamba2Model")
@@ -177,11 +177,10 @@ def _ops_mamba2_mixer(mixer, hidden_states, cache_params, attention_mask, sessio
     return mixer.out_proj(mixer.norm(y, gate).to(dtype))
 
 
-def _host_scan_serves(session, hidden_states) -> bool:
-    """On CUDA without ssm_reduce's compiled kernels, Mamba-1 anchors scan with the host's own scan
-    function (mamba_ssm's kernel where installed) rather than the step-by-step torch reference; on a
-    CPU the reference is the faster of the two. ``runtime.ops_mixer = True`` forces the reference."""
-    return not session.runtime.ops_mixer and hidden_states.is_cuda and not ops.kernels_run_on(hidden_states)
+def _host_selective_scan(host, hidden_states):
+    """transformers' Mamba-1 scan function for anchors to call without its gate: on CUDA (mamba_ssm's
+    kernel where installed); None on a CPU, where its torch fallback is slower than the reference."""
+    return getattr(host, "mamba_selective_scan", None) if hidden_states.is_cuda else None
 
 
 def _ops_mamba_mixer(mixer, hidden_states, cache_params, attention_mask, session):
@@ -197,27 +196,13 @@ def _ops_mamba_mixer(mixer, hidden_states, cache_params, attention_mask, session
         mixer.x_proj(xbc), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
     )
     time_step = mixer.dt_proj.weight @ time_step.transpose(1, 2)
-    config = session.runtime.config
-    args = (xbc.transpose(1, 2), time_step, -torch.exp(mixer.A_log.float()), b.transpose(1, 2), c.transpose(1, 2))
-    if _host_scan_serves(session, hidden_states) and hasattr(host, "mamba_selective_scan"):
-        # the host's scan without its gate (mamba_ssm's CUDA kernel where installed); the session
-        # scores y itself
-        need_y, score = True, None
-        y, final_state = host.mamba_selective_scan(*args, D=mixer.D.float(), z=None, delta_bias=mixer.dt_proj.bias,
-                                                   delta_softplus=True, return_last_state=True)
-    else:
-        need_y = config.similarity_source == "ssm"  # y itself, not only its score, is needed for matching
-        y, final_state, score, _ = ops.scan_score_mamba1(
-            *args, D=mixer.D, z=None if need_y else gate, delta_bias=mixer.dt_proj.bias, delta_softplus=True,
-            metric=config.importance,
-        )
+    xbc = xbc.transpose(1, 2)
+    host_fn = anchor_host_scan(session, xbc, mixer.ssm_state_size, _host_selective_scan(host, hidden_states))
+    y, final_state = anchor_scan_mamba1(session, host_fn, xbc, time_step, -torch.exp(mixer.A_log.float()),
+                                        b.transpose(1, 2), c.transpose(1, 2), mixer.D.float(), gate,
+                                        mixer.dt_proj.bias)
     if cache_params is not None:
         cache_params.update_recurrent_state(final_state, mixer.layer_idx)
-    if need_y:
-        session.capture("ssm", y.transpose(1, 2))
-        y = y * torch.nn.functional.silu(gate)
-    if score is not None:
-        session.capture_score("ssm", config.importance, score)
     return mixer.out_proj(y.transpose(1, 2).to(dtype))
 
 
@@ -243,10 +228,8 @@ class _BlockMixin:
         runtime = session.runtime
         use_ops = runtime.ops_mixer
         if use_ops is None:
-            needs_y = runtime.config.method != "tor-official" and "ssm" in (
-                runtime.config.importance_source, runtime.config.similarity_source
-            )
-            use_ops = (self._ssm_reduce_ops_always and needs_y) or ops.kernels_run_on(hidden_states)
+            use_ops = ((self._ssm_reduce_ops_always and "ssm" in sources_to_capture(runtime.config))
+                       or ops.scan_kernel_serves(hidden_states, self.mixer.ssm_state_size))
         if use_ops:
             hidden_states = self._ssm_reduce_ops_mixer(self.mixer, hidden_states, cache_params, attention_mask, session)
         else:

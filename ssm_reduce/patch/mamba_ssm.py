@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..runtime import Runtime, kept_positions_for
-from .base import Adapter, register, runtime_of
+from .base import Adapter, anchor_host_scan, anchor_scan_mamba1, class_names, register, runtime_of, sources_to_capture
 from .hf import _keep_columns
 
 ReducedLMOutput = namedtuple("ReducedLMOutput", ["logits", "kept_positions"])
@@ -85,18 +85,10 @@ def _conv(mixer, x, seqlen):
     return mixer.act(mixer.conv1d(x)[..., :seqlen])
 
 
-def _kernel_scans(mixer, x) -> bool:
-    """Whether ssm_reduce's compiled scan-and-score kernel serves this mixer's scan."""
-    return ops.kernels_run_on(x) and getattr(mixer, "d_state", 0) in ops.KERNEL_DSTATES
-
-
 def _host_scan(mixer, session, x, name):
-    """The host module's own scan function ``name`` where ssm_reduce's kernel does not serve (the
-    torch reference scan, step by step, would be far slower there); None to scan through
-    ``ssm_reduce.ops`` (``runtime.ops_mixer = True`` forces that, as on CUDA with the kernels)."""
-    if session.runtime.ops_mixer or _kernel_scans(mixer, x):
-        return None
-    return getattr(sys.modules[type(mixer).__module__], name, None)
+    """The host module's scan function ``name`` for this anchor (``anchor_host_scan``): mamba_ssm's own
+    kernels where ssm_reduce's do not serve, rather than the step-by-step torch reference."""
+    return anchor_host_scan(session, x, mixer.d_state, getattr(sys.modules[type(mixer).__module__], name, None))
 
 
 def _ops_mamba2(mixer, session, u, inference_params=None):
@@ -159,40 +151,25 @@ def _ops_mamba1(mixer, session, u, inference_params=None):
         conv_state.copy_(F.pad(x, (mixer.d_conv - seqlen, 0)))
     x = _conv(mixer, x, seqlen)
     dt, b, c = torch.split(mixer.x_proj(x.transpose(1, 2)), [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
-    config = session.runtime.config
-    dt, b, c = mixer.dt_proj.weight @ dt.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2)
-    A = -torch.exp(mixer.A_log.float())
-    delta_bias = None if mixer.dt_proj.bias is None else mixer.dt_proj.bias.float()
-    host_scan = _host_scan(mixer, session, x, "selective_scan_fn")
-    if host_scan is None:
-        need_y = config.similarity_source == "ssm"  # y itself, not only its score, is needed for matching
-        y, final_state, score, _ = ops.scan_score_mamba1(
-            x, dt, A, b, c, D=mixer.D.float(), z=None if need_y else z, delta_bias=delta_bias, delta_softplus=True,
-            metric=config.importance,
-        )
-        session.capture_score("ssm", config.importance, score)
-    else:  # no compiled kernel here: the host's own scan without its gate (y is scored by the session)
-        need_y = True
-        y, final_state = host_scan(x, dt, A, b, c, mixer.D.float(), z=None, delta_bias=delta_bias, delta_softplus=True,
-                                   return_last_state=True)
+    y, final_state = anchor_scan_mamba1(
+        session, _host_scan(mixer, session, x, "selective_scan_fn"), x, mixer.dt_proj.weight @ dt.transpose(1, 2),
+        -torch.exp(mixer.A_log.float()), b.transpose(1, 2), c.transpose(1, 2), mixer.D.float(), z,
+        None if mixer.dt_proj.bias is None else mixer.dt_proj.bias.float(),
+    )
     if ssm_state is not None:
         ssm_state.copy_(final_state)
-    if need_y:
-        session.capture("ssm", y.transpose(1, 2))
-        y = y * F.silu(z)
     return mixer.out_proj(y.transpose(1, 2).to(u.dtype))
 
 
 def _ops_mixer_for(mixer, session, hidden_states):
     """The ops-path replacement for this anchor's mixer call, or None to run the host's own path."""
-    config = session.runtime.config
-    needs_y = config.method != "tor-official" and "ssm" in (config.importance_source, config.similarity_source)
-    mamba2 = type(mixer).__name__ == "Mamba2"
+    mamba2 = "Mamba2" in class_names(mixer)
     use = session.runtime.ops_mixer
     if use is None:
         gated_inside = not mamba2 or not getattr(mixer, "rmsnorm", True)
         # on CUDA, the fused scan-and-score kernel, if it serves this state size
-        use = (needs_y and gated_inside) or _kernel_scans(mixer, hidden_states)
+        use = ((gated_inside and "ssm" in sources_to_capture(session.runtime.config))
+               or ops.scan_kernel_serves(hidden_states, mixer.d_state))
     if not use:
         return None
     if mamba2 and getattr(mixer, "process_group", None) is not None:
@@ -242,7 +219,7 @@ class MambaSsmAdapter(Adapter):
     def check(self, model) -> None:
         for index, block in enumerate(self.backbone(model).layers):
             name = type(block.mixer).__name__
-            if name not in _MIXERS:
+            if not class_names(block.mixer) & set(_MIXERS):
                 raise ValueError(
                     f"model: layer {index} is a mamba_ssm {name} layer; token reduction supports models whose "
                     f"layers are all {' or '.join(_MIXERS)} (attention layers would keep caches of the "
