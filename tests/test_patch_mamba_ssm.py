@@ -259,5 +259,14 @@ def test_real_mamba_ssm_against_transformers(layer, tmp_path):
     a, b = hf(ids), real(ids)
     assert torch.equal(a.kept_positions, b.kept_positions)
     torch.testing.assert_close(b.logits.float(), a.logits.float(), atol=1e-3, rtol=1e-3)
-    out = real.generate(ids, max_length=ids.shape[1] + 8, cg=False, return_dict_in_generate=True)
-    assert out.sequences.shape[1] == ids.shape[1] + 8
+    # generate, with and without CUDA graphs: prefill reduced, decode untouched, the same greedy tokens
+    # as the transformers adapter (its decode reads the cache the reduced prefill wrote)
+    ref = hf.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    outs = {}
+    for cg in (False, True):
+        outs[cg] = real.generate(ids, max_length=ids.shape[1] + 8, cg=cg, return_dict_in_generate=True,
+                                 output_scores=True)
+        assert ssm_reduce.stats(real)["kept_per_row"] == [a.logits.shape[1]] * 2, f"cg={cg}: prefill not reduced"
+        assert torch.equal(outs[cg].sequences, ref.sequences), f"cg={cg}: greedy tokens differ"
+    torch.testing.assert_close(torch.stack(outs[True].scores, 1), torch.stack(outs[False].scores, 1),
+                               atol=1e-4, rtol=1e-4)
