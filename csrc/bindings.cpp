@@ -19,7 +19,8 @@ std::vector<at::Tensor> scan_score_mamba1(const at::Tensor &u, const at::Tensor 
                                           int64_t metric);
 std::vector<at::Tensor> match(const at::Tensor &src, const at::Tensor &dst, const at::Tensor &src_mask,
                               const at::Tensor &dst_mask);
-at::Tensor apply_plan(const at::Tensor &x, const at::Tensor &slot, const at::Tensor &weight, int64_t n_out);
+std::vector<at::Tensor> apply_plan(const std::vector<at::Tensor> &xs, const at::Tensor &slot,
+                                   const std::vector<at::Tensor> &weights, int64_t n_out);
 }  // namespace ssm_reduce
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -27,5 +28,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("scan_score_mamba2", &ssm_reduce::scan_score_mamba2, "Mamba-2 selective scan with fused token scores");
     m.def("scan_score_mamba1", &ssm_reduce::scan_score_mamba1, "Mamba-1 selective scan with fused token scores");
     m.def("match", &ssm_reduce::match, "most cosine-similar destination of every source token");
-    m.def("apply_plan", &ssm_reduce::apply_plan, "reduce a token stream with a plan in one pass");
+    m.def("apply_plan", &ssm_reduce::apply_plan, "reduce the token streams that share a plan in one pass");
 }

@@ -13,7 +13,7 @@ enum Metric : int { kClip = 0, kL1 = 1, kL2 = 2, kMean = 3 };
 // the root of the mean).
 __device__ __forceinline__ float metric_term(float y, int metric) {
     switch (metric) {
-        case kClip: return fmaxf(y, 0.f);
+        case kClip: return y < 0.f ? 0.f : y;  // NaN stays NaN, as torch.clamp(min=0)
         case kL1: return fabsf(y);
         case kL2: return y * y;
         default: return y;

@@ -114,10 +114,14 @@ class Plan:
     n_out: int
     state: TokenState
 
-    def apply(self, x: torch.Tensor, stream: str) -> torch.Tensor:
-        """Reduce (B, N, D) ``x`` of the ``hidden`` or ``residual`` stream to (B, N', D)."""
-        weight = self.hidden_weight if stream == "hidden" else self.residual_weight
-        return ops.apply_plan(x, self.slot, weight, self.n_out)
+    def apply(self, hidden: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        """Reduce (B, N, D) hidden states (and the residual stream, when given) to (B, N', D), both
+        through one plan application; returns hidden, or (hidden, residual)."""
+        if residual is None:
+            return ops.apply_plan([hidden], self.slot, [self.hidden_weight], self.n_out)[0]
+        hidden, residual = ops.apply_plan([hidden, residual], self.slot, [self.hidden_weight, self.residual_weight],
+                                          self.n_out)
+        return hidden, residual
 
     def extend(self, state_in: TokenState) -> "Plan":
         """This plan for a longer input whose first N tokens are the ones it was made for and whose

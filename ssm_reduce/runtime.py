@@ -115,8 +115,7 @@ class Session:
                     plan = build_plan(
                         state, selection, importance, q_hidden, q_residual, config.causal, config.size_weighted
                     )
-            hidden = plan.apply(hidden, "hidden")
-            residual = plan.apply(residual, "residual")
+            hidden, residual = plan.apply(hidden, residual)
             self.state = plan.state
             self.plans[layer] = plan
             self._after_reduction(layer)

@@ -161,7 +161,7 @@ def test_rows_are_independent(s):
 def test_apply_plan_is_a_weighted_mean(s):
     _, _, plan = run(s)
     x = torch.randn(*plan.slot.shape, 3)
-    y = plan.apply(x, "hidden")
+    y = plan.apply(x)
     batch = x.shape[0]
     expected = torch.zeros(batch, plan.n_out, 3)
     for b in range(batch):
@@ -190,7 +190,7 @@ def test_size_weighted_merge_by_hand():
     assert sel.dst[0, 0].item() == 2
     plan = build_plan(state, sel, importance, q_hidden=0.0, q_residual=0.0)
     x = torch.tensor([[[4.0], [7.0], [8.0], [9.0]]])
-    y = plan.apply(x, "hidden")
+    y = plan.apply(x)
     # token 0 (size 3) merges into token 2 (size 1), placed at position 2: (3*4 + 8) / 4 = 5
     assert plan.state.pos.tolist() == [[1, 2, 3]]
     assert y.flatten().tolist() == [7.0, 5.0, 9.0]
@@ -198,7 +198,7 @@ def test_size_weighted_merge_by_hand():
     # q = 1 prunes instead: the destination keeps its own value and position
     plan = build_plan(state, sel, importance, q_hidden=1.0, q_residual=1.0)
     assert plan.state.pos.tolist() == [[1, 2, 3]]
-    assert plan.apply(x, "hidden").flatten().tolist() == [7.0, 8.0, 9.0]
+    assert plan.apply(x).flatten().tolist() == [7.0, 8.0, 9.0]
     # non-causal placement keeps the destination's position: same here since 2 > 0;
     # a later source moved onto an earlier destination would keep the earlier one.
     plan = build_plan(state, sel, importance, 0.0, 0.0, causal=False)

@@ -108,6 +108,54 @@ def test_match_noncontiguous():
     assert bool((idx == ref_idx).float().mean() > 0.999)
 
 
+@pytest.mark.parametrize("ns, nd, dim", [(64, 65, 17), (65, 64, 100), (3, 5, 1)])
+def test_match_odd_widths(ns, nd, dim):
+    gen = torch.Generator(device="cuda").manual_seed(dim)
+    src, dst = (torch.randn(2, n, dim, generator=gen, device="cuda") for n in (ns, nd))
+    masks = torch.ones(2, ns, dtype=torch.bool, device="cuda"), torch.ones(2, nd, dtype=torch.bool, device="cuda")
+    sim, idx = ops.match(src, dst, *masks)
+    ref_sim, ref_idx = R.match(src, dst, *masks)
+    torch.testing.assert_close(sim, ref_sim, atol=1e-5, rtol=0)
+    assert bool((idx == ref_idx).float().mean() > 0.99)
+
+
+def test_match_unusual_layouts_nan_and_huge_batch():
+    # one row per batch with a stride the rows do not imply (is_contiguous() is True for such views)
+    src = torch.randn(3, 5, 1, device="cuda").transpose(1, 2)  # (3, 1, 5), strides (5, 1, 1)
+    dst = torch.randn(3, 4, 5, device="cuda")
+    m_src, m_dst = torch.ones(3, 1, dtype=torch.bool, device="cuda"), torch.ones(3, 4, dtype=torch.bool, device="cuda")
+    for got, ref in zip(ops.match(src, dst, m_src, m_dst), R.match(src, dst, m_src, m_dst)):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    # a NaN destination never wins; a NaN source matches nothing
+    src, dst = torch.randn(2, 6, 8, device="cuda"), torch.randn(2, 7, 8, device="cuda")
+    dst[0, 3, 2] = float("nan")
+    src[1, 4, 0] = float("nan")
+    masks = torch.ones(2, 6, dtype=torch.bool, device="cuda"), torch.ones(2, 7, dtype=torch.bool, device="cuda")
+    sim, idx = ops.match(src, dst, *masks)
+    ref_sim, ref_idx = R.match(src, dst, *masks)
+    torch.testing.assert_close(sim, ref_sim, atol=1e-5, rtol=0)
+    assert torch.equal(idx, ref_idx) and not bool((idx[0] == 3).any()) and bool(torch.isneginf(sim[1, 4]))
+    # more batch rows than a grid dimension holds
+    src, dst = torch.randn(70000, 2, 8, device="cuda"), torch.randn(70000, 3, 8, device="cuda")
+    masks = torch.ones(70000, 2, dtype=torch.bool, device="cuda"), torch.ones(70000, 3, dtype=torch.bool, device="cuda")
+    sim, idx = ops.match(src, dst, *masks)
+    ref_sim, ref_idx = R.match(src, dst, *masks)
+    torch.testing.assert_close(sim, ref_sim, atol=1e-5, rtol=0)
+    assert bool((idx == ref_idx).float().mean() > 0.999)
+    # no destinations at all
+    sim, idx = ops.match(src, dst[:, :0], masks[0], masks[1][:, :0])
+    assert bool(torch.isneginf(sim).all()) and not bool(idx.any())
+
+
+def test_apply_plan_huge_batch():
+    slot = torch.tensor([[0, 0, 1]], device="cuda").expand(70000, 3).contiguous()
+    weight = torch.tensor([[0.25, 0.75, 1.0]], device="cuda").expand(70000, 3).contiguous()
+    x = torch.randn(70000, 3, 5, device="cuda")
+    (got,) = ops.apply_plan([x], slot, [weight], 2)
+    (ref,) = R.apply_plan([x], slot, [weight], 2)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 127, 1000])
 def test_apply_plan(dtype, n):
@@ -121,15 +169,20 @@ def test_apply_plan(dtype, n):
     feats = torch.randn(3, n, 16, generator=gen, device="cuda")
     sel = select("utr", state, budgets(state, 0.7, "utr"), imp, feats)
     plan = build_plan(state, sel, imp, 0.5, 0.0)
-    x = torch.randn(3, n, 256, generator=gen, device="cuda").to(dtype)
-    for weight in (plan.hidden_weight, plan.residual_weight):
-        got = ops.apply_plan(x, plan.slot, weight, plan.n_out)
-        ref = R.apply_plan(x, plan.slot, weight, plan.n_out)
-        torch.testing.assert_close(got.float(), ref.float(), **dict(zip(("rtol", "atol"), TOL[dtype])))
-    x_nc = torch.randn(3, n, 512, device="cuda").to(dtype)[..., ::2]
-    torch.testing.assert_close(ops.apply_plan(x_nc, plan.slot, plan.residual_weight, plan.n_out).float(),
-                               R.apply_plan(x_nc, plan.slot, plan.residual_weight, plan.n_out).float(),
-                               **dict(zip(("rtol", "atol"), TOL[dtype])))
+    weights = [plan.hidden_weight, plan.residual_weight]
+    tol = dict(zip(("rtol", "atol"), TOL[dtype]))
+    # hidden in the model's dtype next to a float32 residual (residual_in_fp32), widths not a multiple of 32
+    for xs in ([torch.randn(3, n, 256, generator=gen, device="cuda").to(dtype),
+                torch.randn(3, n, 256, generator=gen, device="cuda")],
+               [torch.randn(3, n, 100, generator=gen, device="cuda").to(dtype),
+                torch.randn(3, n, 512, device="cuda").to(dtype)[..., ::2]]):  # non-contiguous
+        got, ref = ops.apply_plan(xs, plan.slot, weights, plan.n_out), R.apply_plan(xs, plan.slot, weights, plan.n_out)
+        for g, r, x in zip(got, ref, xs):
+            assert g.dtype == x.dtype and g.shape == r.shape
+            torch.testing.assert_close(g.float(), r.float(), **tol)
+        kept_alone = (plan.hidden_weight == 1) & (plan.slot >= 0)  # copied bit for bit, subnormals included
+        b_idx, i_idx = kept_alone.nonzero(as_tuple=True)
+        assert torch.equal(got[0][b_idx, plan.slot[b_idx, i_idx]], xs[0][b_idx, i_idx])
 
 
 def test_operands_the_kernels_cannot_read_exactly_fall_back_or_fail_cleanly():
@@ -167,7 +220,8 @@ def test_opcheck():
     opcheck(torch.ops.ssm_reduce.match.default,
             (src, dst, torch.ones(2, 50, dtype=torch.bool, device="cuda"), torch.ones(2, 40, dtype=torch.bool, device="cuda")))
     slot = torch.arange(40, device="cuda").expand(2, 40).contiguous()
-    opcheck(torch.ops.ssm_reduce.apply_plan.default, (dst, slot, torch.ones(2, 40, device="cuda"), 40))
+    opcheck(torch.ops.ssm_reduce.apply_plan.default,
+            ([dst, dst.double()], slot, [torch.ones(2, 40, device="cuda"), torch.full((2, 40), 0.5, device="cuda")], 40))
 
 
 @pytest.mark.parametrize("factory", [tiny_mamba2, tiny_mamba])

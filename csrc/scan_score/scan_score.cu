@@ -86,7 +86,8 @@ __global__ void __launch_bounds__(kTile * kSplit) scan_score_mamba2_kernel(Mamba
         if (tid < T) {
             float d = static_cast<float>(dt[b * p.dt_b + (int64_t)(t0 + tid) * p.dt_l + h * p.dt_h]) + bias;
             if (p.dt_softplus) d = softplus(d);
-            d = fminf(fmaxf(d, p.dt_min), p.dt_max);
+            d = d < p.dt_min ? p.dt_min : d;  // as torch.clamp: NaN stays NaN, dt_max wins if dt_min > dt_max
+            d = d > p.dt_max ? p.dt_max : d;
             dt_s[tid] = d;
             dA_s[tid] = expf(d * A);
         }
@@ -307,7 +308,9 @@ std::vector<at::Tensor> scan_score_mamba2(const at::Tensor &x, const at::Tensor 
     TORCH_CHECK(B.dim() == 4 && B.size(0) == batch && B.size(1) == seqlen, "scan_score: B must be (B, L, G, N)");
     TORCH_CHECK(C.sizes() == B.sizes(), "scan_score: C must have the shape of B");
     const int ngroups = B.size(2), dstate = B.size(3);
-    TORCH_CHECK(nheads % ngroups == 0, "scan_score: heads must be a multiple of groups");
+    TORCH_CHECK(ngroups > 0 && nheads % ngroups == 0, "scan_score: heads must be a positive multiple of groups");
+    TORCH_CHECK(metric >= 0 && metric <= 3, "scan_score: metric code must be 0-3 (clip, l1, l2, mean), got ", metric);
+    TORCH_CHECK(batch <= 65535 && nheads <= 65535, "scan_score: batch and heads must be at most 65535 (grid limit)");
     TORCH_CHECK(supported_dstate(dstate), "scan_score: dstate must be 8, 16, 32, 64, 128 or 256, got ", dstate);
     check_device("scan_score", x, {&dt, &A, &B, &C}, {&D, &z, &dt_bias, &initial_state});
     TORCH_CHECK(A.numel() == nheads && A.scalar_type() == at::kFloat, "scan_score: A must be float32 (H)");
@@ -329,8 +332,10 @@ std::vector<at::Tensor> scan_score_mamba2(const at::Tensor &x, const at::Tensor 
     auto final_state = at::empty({batch, nheads, headdim, dstate}, x.options().dtype(at::kFloat));
     auto score_part = at::empty({batch, seqlen, nheads * ntiles}, x.options().dtype(at::kFloat));
     auto sq_part = at::empty_like(score_part);
-    if (batch == 0 || seqlen == 0) {
+    if (batch == 0 || seqlen == 0 || nheads == 0 || headdim == 0) {
         final_state.copy_(initial_state.has_value() ? init : at::zeros_like(final_state));
+        score_part.zero_();
+        sq_part.zero_();
         return {y, final_state, score_part, sq_part};
     }
     const auto A32 = A.contiguous();  // kept alive until the launch
@@ -369,6 +374,8 @@ std::vector<at::Tensor> scan_score_mamba1(const at::Tensor &u, const at::Tensor 
     TORCH_CHECK(delta.sizes() == u.sizes() && delta.scalar_type() == u.scalar_type(), "scan_score_mamba1: delta must match u");
     TORCH_CHECK(A.dim() == 2 && A.size(0) == dim && A.scalar_type() == at::kFloat, "scan_score_mamba1: A must be float32 (D, N)");
     const int dstate = A.size(1);
+    TORCH_CHECK(metric >= 0 && metric <= 3, "scan_score_mamba1: metric code must be 0-3 (clip, l1, l2, mean), got ", metric);
+    TORCH_CHECK(batch <= 65535, "scan_score_mamba1: batch must be at most 65535 (grid limit)");
     TORCH_CHECK(supported_dstate(dstate), "scan_score_mamba1: dstate must be 8, 16, 32, 64, 128 or 256, got ", dstate);
     check_device("scan_score_mamba1", u, {&delta, &A, &B, &C}, {&D, &z, &delta_bias, &initial_state});
     TORCH_CHECK(B.sizes() == at::IntArrayRef({batch, dstate, seqlen}) && C.sizes() == B.sizes(),
@@ -389,8 +396,10 @@ std::vector<at::Tensor> scan_score_mamba1(const at::Tensor &u, const at::Tensor 
     auto final_state = at::empty({batch, dim, dstate}, u.options().dtype(at::kFloat));
     auto score_part = at::empty({batch, seqlen, ntiles}, u.options().dtype(at::kFloat));
     auto sq_part = at::empty_like(score_part);
-    if (batch == 0 || seqlen == 0) {
+    if (batch == 0 || seqlen == 0 || dim == 0) {
         final_state.copy_(initial_state.has_value() ? init : at::zeros_like(final_state));
+        score_part.zero_();
+        sq_part.zero_();
         return {y, final_state, score_part, sq_part};
     }
     auto A32 = A.contiguous();

@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib
 import os
 from functools import lru_cache
-from typing import Optional
+from typing import List, Optional
 
 import torch
+from torch import Tensor  # module scope: custom_op reads the (string) annotations below from here
 
 from . import reference
 
@@ -39,7 +40,10 @@ def _import_extension():
         module = importlib.import_module("ssm_reduce._C")
     except ImportError as err:
         return None, f"extension ssm_reduce._C not built ({err}); set SSM_REDUCE_BUILD_CUDA=1 and reinstall on a CUDA machine"
-    _register_custom_ops(module)
+    try:
+        _register_custom_ops(module)
+    except Exception as err:  # e.g. a torch too old for these custom-op signatures: use the references
+        return None, f"extension ssm_reduce._C loaded but its ops could not be registered with torch ({err})"
     return module, "loaded"
 
 
@@ -48,7 +52,6 @@ def _register_custom_ops(module) -> None:
     so ``torch.compile`` traces through them and ``torch.library.opcheck`` can test them."""
     from torch.library import custom_op
 
-    Tensor = torch.Tensor
 
     @custom_op("ssm_reduce::scan_score_mamba2", mutates_args=())
     def scan_score_mamba2_op(
@@ -88,12 +91,12 @@ def _register_custom_ops(module) -> None:
         return src.new_empty(b, n, dtype=torch.float32), src.new_empty(b, n, dtype=torch.long)
 
     @custom_op("ssm_reduce::apply_plan", mutates_args=())
-    def apply_plan_op(x: Tensor, slot: Tensor, weight: Tensor, n_out: int) -> Tensor:
-        return module.apply_plan(x, slot, weight, n_out)
+    def apply_plan_op(xs: List[Tensor], slot: Tensor, weights: List[Tensor], n_out: int) -> List[Tensor]:
+        return list(module.apply_plan(xs, slot, weights, n_out))
 
     @apply_plan_op.register_fake
-    def _(x, slot, weight, n_out):
-        return x.new_empty(x.shape[0], n_out, x.shape[2])
+    def _(xs, slot, weights, n_out):
+        return [x.new_empty(x.shape[0], n_out, x.shape[2]) for x in xs]
 
 
 def kernel_status() -> dict:
@@ -121,11 +124,12 @@ def match(src, dst, src_mask, dst_mask):
     return reference.match(src, dst, src_mask, dst_mask)
 
 
-def apply_plan(x, slot, weight, n_out):
+def apply_plan(xs, slot, weights, n_out):
     """See ``reference.apply_plan``."""
-    if _use_kernel(x, slot, weight):
-        return torch.ops.ssm_reduce.apply_plan(x, slot, weight.float(), int(n_out))
-    return reference.apply_plan(x, slot, weight, n_out)
+    xs, weights = list(xs), list(weights)
+    if _use_kernel(slot, *xs, *weights):
+        return torch.ops.ssm_reduce.apply_plan(xs, slot, [w.float() for w in weights], int(n_out))
+    return reference.apply_plan(xs, slot, weights, n_out)
 
 
 def _finish_scores(score_part, sq_part, channels: int, metric: str):
@@ -143,24 +147,36 @@ def scan_kernel_serves(x: torch.Tensor, dstate: int) -> bool:
     return dstate in KERNEL_DSTATES and _use_kernel(x)
 
 
-def _scan_kernel_fits(x, dstate: int, same_dtype, same_device) -> bool:
+# CUDA's limit on a grid's y and z dimensions, which the scan kernels give to batch rows and heads.
+GRID_YZ_LIMIT = 65535
+
+
+def _scan_kernel_fits(x, dstate: int, same_dtype, same_device, grid_yz=()) -> bool:
     """Whether a scan's operands suit the compiled kernel: an instantiated state size, the streamed
     inputs (dt, B, C, z) in x's dtype (the kernel reads them as x's type; anything else would be
-    rounded), and every operand on x's device. Otherwise the reference runs (and reports a device
-    mismatch)."""
+    rounded), every operand on x's device, and the sizes that index the grid (``grid_yz``) within
+    CUDA's limit. Otherwise the reference runs (and reports a device mismatch)."""
     return (dstate in KERNEL_DSTATES and all(t is None or t.dtype == x.dtype for t in same_dtype)
-            and all(t is None or t.device == x.device for t in (*same_dtype, *same_device)))
+            and all(t is None or t.device == x.device for t in (*same_dtype, *same_device))
+            and all(0 < n <= GRID_YZ_LIMIT for n in grid_yz))
+
+
+def _metric_code(metric: str) -> int:
+    if metric not in METRIC_CODES:
+        raise ValueError(f"metric={metric!r} is not supported; choose {', '.join(METRIC_CODES)}")
+    return METRIC_CODES[metric]
 
 
 def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, dt_softplus=True,
                       dt_min=0.0, dt_max=float("inf"), metric="clip"):
     """See ``reference.scan_score_mamba2``."""
-    if not (_use_kernel(x) and _scan_kernel_fits(x, B.shape[-1], (dt, B, C, z), (A, D, dt_bias, initial_state))):
+    fits = _scan_kernel_fits(x, B.shape[-1], (dt, B, C, z), (A, D, dt_bias, initial_state), (x.shape[0], x.shape[2]))
+    if not (_use_kernel(x) and fits and B.shape[2] > 0):
         return reference.scan_score_mamba2(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max, metric)
     as_f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
     y, state, part, sq = torch.ops.ssm_reduce.scan_score_mamba2(
         x, dt, A.float().contiguous(), B, C, as_f32(D), z, as_f32(dt_bias),
-        initial_state, bool(dt_softplus), float(dt_min), float(dt_max), METRIC_CODES[metric],
+        initial_state, bool(dt_softplus), float(dt_min), float(dt_max), _metric_code(metric),
     )
     return (y, state, *_finish_scores(part, sq, x.shape[2] * x.shape[3], metric))
 
@@ -168,11 +184,12 @@ def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_stat
 def scan_score_mamba1(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, delta_softplus=True,
                       metric="clip"):
     """See ``reference.scan_score_mamba1``."""
-    if not (_use_kernel(u) and _scan_kernel_fits(u, A.shape[-1], (delta, B, C, z), (A, D, delta_bias, initial_state))):
+    if not (_use_kernel(u) and _scan_kernel_fits(u, A.shape[-1], (delta, B, C, z), (A, D, delta_bias, initial_state),
+                                                 (u.shape[0],))):
         return reference.scan_score_mamba1(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, metric)
     as_f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
     y, state, part, sq = torch.ops.ssm_reduce.scan_score_mamba1(
         u, delta, A.float().contiguous(), B, C, as_f32(D), z, as_f32(delta_bias),
-        initial_state, bool(delta_softplus), METRIC_CODES[metric],
+        initial_state, bool(delta_softplus), _metric_code(metric),
     )
     return (y, state, *_finish_scores(part, sq, u.shape[1], metric))

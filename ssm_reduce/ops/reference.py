@@ -6,7 +6,7 @@ extension is missing or the inputs are not on CUDA.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -26,15 +26,20 @@ def match(src: torch.Tensor, dst: torch.Tensor, src_mask: torch.Tensor, dst_mask
             masked or its row has no allowed destination.
         idx: (B, Ns) int64 index into ``dst`` of the best destination (ties: lowest index); 0 where
             ``sim`` is -inf.
+    A similarity that is NaN (a NaN feature) never wins: one bad token does not stop its row from
+    merging, and a NaN source gets -inf.
     """
     batch, n_src, _ = src.shape
+    if dst.shape[1] == 0:
+        return (torch.full((batch, n_src), float("-inf"), device=src.device),
+                torch.zeros(batch, n_src, dtype=torch.long, device=src.device))
     src_n = torch.nn.functional.normalize(src.float(), dim=-1)
     dst_n = torch.nn.functional.normalize(dst.float(), dim=-1)
     neg_inf = torch.tensor(float("-inf"), device=src.device)
     sims, idxs = [], []
     for start in range(0, n_src, MATCH_TILE):
         tile = src_n[:, start : start + MATCH_TILE] @ dst_n.transpose(1, 2)
-        tile = torch.where(dst_mask[:, None, :], tile, neg_inf)
+        tile = torch.where(dst_mask[:, None, :] & ~tile.isnan(), tile, neg_inf)
         best, arg = tile.max(dim=-1)
         sims.append(best)
         idxs.append(arg)
@@ -48,24 +53,32 @@ def match(src: torch.Tensor, dst: torch.Tensor, src_mask: torch.Tensor, dst_mask
     return sim, idx
 
 
-def apply_plan(x: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, n_out: int) -> torch.Tensor:
-    """Reduce a token stream with a plan: ``out[b, slot[b, i]] += weight[b, i] * x[b, i]``.
+def apply_plan(xs: Sequence[torch.Tensor], slot: torch.Tensor, weights: Sequence[torch.Tensor],
+               n_out: int) -> list[torch.Tensor]:
+    """Reduce token streams that share a plan (hidden states and residual):
+    ``out_k[b, slot[b, i]] += weights[k][b, i] * xs[k][b, i]`` for every stream k.
 
     Args:
-        x: (B, N, D) token features (any float dtype).
+        xs: (B, N, D_k) token features of each stream (any float dtype, each its own).
         slot: (B, N) int64 output column of each token; -1 drops the token.
-        weight: (B, N) float32 weight of each token in its output column (weights of a column sum
-            to 1; a token kept alone has weight exactly 1, so it is copied bit for bit).
+        weights: per stream, (B, N) float32 weight of each token in its output column (weights of a
+            column sum to 1; a token kept alone has weight exactly 1, so it is copied bit for bit).
         n_out: N', the number of output columns.
     Returns:
-        (B, N', D) in the dtype of ``x``; columns no token maps to are zero. Accumulates in float32.
+        per stream, (B, N', D_k) in its dtype; columns no token maps to are zero. Accumulates in
+        float32, in token order.
     """
-    batch, _, dim = x.shape
+    if len(xs) != len(weights):
+        raise ValueError(f"apply_plan needs one weight per stream; got {len(xs)} streams and {len(weights)} weights")
     target = torch.where(slot < 0, torch.full_like(slot, n_out), slot)
-    out = torch.zeros(batch, n_out + 1, dim, device=x.device, dtype=torch.float32)
-    contrib = x.float() * weight[..., None]
-    out.scatter_add_(1, target[..., None].expand(-1, -1, dim), contrib)
-    return out[:, :n_out].to(x.dtype)
+    outs = []
+    for x, weight in zip(xs, weights):
+        batch, _, dim = x.shape
+        out = torch.zeros(batch, n_out + 1, dim, device=x.device, dtype=torch.float32)
+        contrib = x.float() * weight.float()[..., None]
+        out.scatter_add_(1, target[..., None].expand(-1, -1, dim), contrib)
+        outs.append(out[:, :n_out].to(x.dtype))
+    return outs
 
 
 def _metric_over_channels(y: torch.Tensor, metric: str, dims) -> torch.Tensor:
