@@ -268,10 +268,27 @@ def test_semi_structured_conversion_on_gpu():
     ids = random_tokens(2, 64).cuda()
     with torch.no_grad():
         dense = model(ids).logits
-    converted = ssm_reduce.prune.to_semi_structured(model)
-    assert converted
+    result = ssm_reduce.prune.to_semi_structured(model)
+    # out_proj (128 x 256) converts; in_proj (536 x 128: 536 is not a multiple of 16) stays dense, with why
+    assert result.converted == [f"backbone.layers.{i}.mixer.out_proj" for i in range(2)], result
+    assert sorted(result.skipped) == [f"backbone.layers.{i}.mixer.in_proj" for i in range(2)], result
+    assert all("multiples of" in why for why in result.skipped.values())
+    assert type(model.backbone.layers[0].mixer.out_proj.weight.data).__name__.startswith("SparseSemiStructuredTensor")
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense, atol=2e-2, rtol=2e-2)
+
+
+def test_semi_structured_conversion_refuses_before_any_change():
+    """On a CPU (or in float32) the conversion raises, naming the layer, and no layer is converted;
+    a model with no 2:4 layer is left alone."""
+    model = FAMILIES["mamba2"](layers=2)
+    assert not ssm_reduce.prune.to_semi_structured(model)  # dense weights: nothing to convert, no error
+    ssm_reduce.prune(model, random_tokens(1, 2000)[0], pattern="2:4", method="magnitude", nsamples=2, seqlen=32,
+                     progress=False)
+    before = {name: p for name, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="no layer was converted"):
+        ssm_reduce.prune.to_semi_structured(model)
+    assert {name: p for name, p in model.named_parameters()} == before
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "mrp"])
