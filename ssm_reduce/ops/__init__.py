@@ -52,7 +52,6 @@ def _register_custom_ops(module) -> None:
     so ``torch.compile`` traces through them and ``torch.library.opcheck`` can test them."""
     from torch.library import custom_op
 
-
     @custom_op("ssm_reduce::scan_score_mamba2", mutates_args=())
     def scan_score_mamba2_op(
         x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
