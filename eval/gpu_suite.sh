@@ -97,7 +97,7 @@ stage_bench() {
 }
 
 stage_pack() {
-  tar czf "$PACK" "$LOGS" eval/results
+  tar czf "$PACK" --exclude=pack.log "$LOGS" eval/results
   log "packed $(tar tzf "$PACK" | wc -l) files into $PACK"
 }
 
