@@ -170,7 +170,7 @@ def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_stat
                       dt_min=0.0, dt_max=float("inf"), metric="clip"):
     """See ``reference.scan_score_mamba2``."""
     fits = _scan_kernel_fits(x, B.shape[-1], (dt, B, C, z), (A, D, dt_bias, initial_state), (x.shape[0], x.shape[2]))
-    if not (_use_kernel(x) and fits and B.shape[2] > 0):
+    if not (_use_kernel(x) and fits):
         return reference.scan_score_mamba2(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max, metric)
     as_f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
     y, state, part, sq = torch.ops.ssm_reduce.scan_score_mamba2(
