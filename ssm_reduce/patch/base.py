@@ -82,6 +82,18 @@ def sources_to_capture(config) -> set[str]:
     return needed
 
 
+def anchor_uses_ops(session, x: torch.Tensor, dstate: int, host_gates_inside: bool) -> bool:
+    """Whether an anchor runs its mixer through ``ssm_reduce.ops`` rather than the host's own path: as
+    ``runtime.ops_mixer`` forces, else where the compiled scan-and-score kernel serves (CUDA, an
+    instantiated state size), or where the host gates y inside its scan (no pre-gate y to read) and the
+    session needs y."""
+    use = session.runtime.ops_mixer
+    if use is None:
+        use = ((host_gates_inside and "ssm" in sources_to_capture(session.runtime.config))
+               or ops.scan_kernel_serves(x, dstate))
+    return bool(use)
+
+
 def anchor_host_scan(session, x: torch.Tensor, dstate: int, host_fn):
     """Which scan an anchor mixer runs: None for ``ssm_reduce.ops`` (where the compiled kernel serves,
     or where ``runtime.ops_mixer = True`` forces it), else the host's own scan function ``host_fn``

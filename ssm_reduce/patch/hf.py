@@ -33,7 +33,7 @@ import torch
 from .. import ops
 
 from ..runtime import Runtime, kept_positions_for
-from .base import PARENT_ATTR, Adapter, anchor_host_scan, anchor_scan_mamba1, register, runtime_of, sources_to_capture
+from .base import PARENT_ATTR, Adapter, anchor_host_scan, anchor_scan_mamba1, anchor_uses_ops, register, runtime_of
 
 _CAUSAL_LM = ("MambaForCausalLM", "Mamba2ForCausalLM")
 _BACKBONES = ("MambaModel", "Mamba2Model")
@@ -212,7 +212,7 @@ class _BlockMixin:
     # Anchors scan through ssm_reduce.ops where the kernels run; Mamba-1 anchors also whenever y is
     # needed, since only that path exposes y before the gate.
     _ssm_reduce_ops_mixer = staticmethod(_ops_mamba2_mixer)
-    _ssm_reduce_ops_always = False
+    _ssm_reduce_gates_inside = False  # the host's scan gates y (no pre-gate y to read)
 
     def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
         session = runtime_of(self).session
@@ -225,12 +225,7 @@ class _BlockMixin:
         hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
-        runtime = session.runtime
-        use_ops = runtime.ops_mixer
-        if use_ops is None:
-            use_ops = ((self._ssm_reduce_ops_always and "ssm" in sources_to_capture(runtime.config))
-                       or ops.scan_kernel_serves(hidden_states, self.mixer.ssm_state_size))
-        if use_ops:
+        if anchor_uses_ops(session, hidden_states, self.mixer.ssm_state_size, self._ssm_reduce_gates_inside):
             hidden_states = self._ssm_reduce_ops_mixer(self.mixer, hidden_states, cache_params, attention_mask, session)
         else:
             mixer_kwargs = kwargs if self._ssm_reduce_mixer_kwargs else {}
@@ -242,7 +237,7 @@ class _BlockMixin:
 class _MambaBlockMixin(_BlockMixin):
     _ssm_reduce_mixer_kwargs = False
     _ssm_reduce_ops_mixer = staticmethod(_ops_mamba_mixer)
-    _ssm_reduce_ops_always = True
+    _ssm_reduce_gates_inside = True
 
 
 class TransformersAdapter(Adapter):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..runtime import Runtime, kept_positions_for
-from .base import Adapter, anchor_host_scan, anchor_scan_mamba1, class_names, register, runtime_of, sources_to_capture
+from .base import Adapter, anchor_host_scan, anchor_scan_mamba1, anchor_uses_ops, class_names, register, runtime_of
 from .hf import _keep_columns
 
 ReducedLMOutput = namedtuple("ReducedLMOutput", ["logits", "kept_positions"])
@@ -164,13 +164,8 @@ def _ops_mamba1(mixer, session, u, inference_params=None):
 def _ops_mixer_for(mixer, session, hidden_states):
     """The ops-path replacement for this anchor's mixer call, or None to run the host's own path."""
     mamba2 = "Mamba2" in class_names(mixer)
-    use = session.runtime.ops_mixer
-    if use is None:
-        gated_inside = not mamba2 or not getattr(mixer, "rmsnorm", True)
-        # on CUDA, the fused scan-and-score kernel, if it serves this state size
-        use = ((gated_inside and "ssm" in sources_to_capture(session.runtime.config))
-               or ops.scan_kernel_serves(hidden_states, mixer.d_state))
-    if not use:
+    gates_inside = not mamba2 or not getattr(mixer, "rmsnorm", True)  # no gated norm to read y at
+    if not anchor_uses_ops(session, hidden_states, mixer.d_state, gates_inside):
         return None
     if mamba2 and getattr(mixer, "process_group", None) is not None:
         return None  # tensor parallelism: the host's unfused path

@@ -436,8 +436,7 @@ def _row_losses(w: torch.Tensor, w_new: torch.Tensor, wh: torch.Tensor, new_h: t
     return ((new_h - wh) * (w_new - w)).sum(1)
 
 
-def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Optional[int] = None, fraction: float = 0.05,
-                tol: float = SWAP_TOL):
+def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Optional[int] = None, fraction: float = 0.05):
     """One swap round (module docstring, step 3); returns (mask, solution, solution @ H, rows improved).
 
     Removed weights whose freeing would gain more than the cheapest kept weights cost are swapped in
@@ -473,7 +472,7 @@ def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Option
     candidate[rows_idx[worth], drop[worth]] = True
     changed = worth.any(1).nonzero().flatten()  # only rows with a swap need a new solve
     trial, trial_h = exact_solve(w[changed], candidate[changed], h_damped, hinv, start=solution[changed],
-                                 wh=wh[changed], return_product=True, tol=tol)
+                                 wh=wh[changed], return_product=True, tol=SWAP_TOL)
     before = _row_losses(w[changed], solution[changed], wh[changed], solution_h[changed])
     better = _row_losses(w[changed], trial, wh[changed], trial_h) < before * (1 - 1e-9)
     accepted = changed[better]
