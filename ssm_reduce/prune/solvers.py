@@ -16,25 +16,30 @@ Methods (all give exactly the same number of removed weights in every row, or va
   1. mask selection in a SparseGPT-style sweep over the damped inverse Hessian of the remaining
      columns: N:M — every group of M picks, per row, the least-loss of the C(M, N) candidate removal
      sets, ``loss(S) = 1/2 w_S [(H^-1)_SS]^-1 w_S^T``, and removes it jointly; unstructured — every block
-     picks per row its share of lowest OBS saliencies ``w_j^2 / [H^-1]_jj`` and removes them jointly;
+     picks per row its share of lowest OBS saliencies ``w_j^2 / [H^-1]_jj`` and removes them jointly
+     (the block's per-row systems solved by float32 conjugate gradients to a relative residual of 1e-3:
+     this step only chooses the mask and a starting point, step 2 makes the kept weights exact);
   2. the kept weights of every row are then set to the exact least-squares optimum on the kept support
      with the damped Hessian (``H_KK w'_K = (w H)_K``), solved for all rows at once from the sweep's
      weights by iterative refinement — float64 residuals, float32 preconditioned conjugate gradients
-     for the corrections — to a float64 relative residual of 1e-9 (direct batched factorisation for
-     any row that has not converged) — the sweep can never move kept weights left of the current block,
-     this does;
+     for the corrections — until every row's kept weights are provably within a relative 1e-5
+     (``WEIGHT_TOL``) of the exact optimum: ``|w' - w*| <= |residual| / lambda_min(H)``, with a floor on
+     lambda_min verified from the damping by a shifted Cholesky factorisation (direct batched
+     factorisation for any row that has not converged) — the sweep can never move kept weights left of
+     the current block, this does;
   3. where it pays, swap rounds (``swap_rounds``, default 1): per row, removed weights whose freeing would gain more
      (g_i^2 / H_ii, g = gradient at the solution) than the cheapest kept weights cost to remove
      (w_j^2 / [H^-1]_jj) are swapped in (for N:M within the same group of M), the row is re-solved,
      and the swap is kept if the row's error went down. Rounds stop when one gains < 1%. The masks
-     are compared through solves to a relative residual of 1e-3 (``SWAP_TOL``; the final mask is then
+     are compared through solves to a relative residual of 1e-2 (``SWAP_TOL``; the final mask is then
      solved exactly as in step 2, from the last of those solutions). Those row errors are upper
      bounds off by an amount that grows with the conditioning of the kept block, so on
      ill-conditioned Hessians a few rows can keep a swap that leaves them slightly worse.
 
   Departures from the paper's text, as far as it is known (its code was never published): the exact
   re-solve of step 2 and the swap round of step 3 are ours; the paper's sweep keeps the weights it
-  produces. Step 2 never increases the layer error for the chosen mask.
+  produces (so its joint removals must be exact, where ours need only pick the mask). Step 2 never
+  increases the layer error for the chosen mask.
 """
 
 from __future__ import annotations
@@ -52,16 +57,19 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "mrp")
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Elements of one batched (rows x p x p) system solved at once by the exact re-solve.
 SOLVE_CHUNK_ELEMENTS = 1 << 26
-# Elements of one cache-sized chunk of the sweep's (rows x r x r) systems on a CPU.
-SWEEP_CHUNK_ELEMENTS = 1 << 18
-# Exact solve: float64 refinement rounds, and the float32 inner solve's floor on relative tolerance.
+# The sweep's joint removals: relative residual and iteration cap of their float32 PCG solves.
+SWEEP_TOL = 1e-3
+SWEEP_MAX_ITER = 32
+# Exact solve: the guaranteed relative error of every row's kept weights, float64 refinement rounds, and
+# the float32 inner solve's floor on relative tolerance.
+WEIGHT_TOL = 1e-5
 REFINEMENTS = 4
 INNER_TOL = 1e-6
 # Swap rounds stop once a round lowers the layer's (damped) error by less than this fraction.
 SWAP_MIN_GAIN = 0.01
 # Swap rounds compare masks through solves to this float64 relative residual (a row's loss is off by
 # a second-order amount in it); the final mask is then solved to the exact solve's tolerance.
-SWAP_TOL = 1e-3
+SWAP_TOL = 1e-2
 
 
 @dataclass
@@ -211,20 +219,18 @@ def _remove_jointly(w1, u1, gram, remove_idx):
     update of any column c right of the block start is ``-e @ U[block, c]``. ``gram = U^T U`` of the
     block's upper factor is the remaining problem's inverse Hessian, shared by all rows.
 
-    The (rows, r, r) systems ``[(H_rem^-1)_SS] z = w_S`` are factored in float32 (the sweep only selects
-    the mask and warm-starts the exact solve, which is float64-accurate), in float64 for a chunk of rows
-    float32 cannot factor (``_factor``)."""
-    w_s = w1.gather(1, remove_idx)
+    The per-row systems ``[(H_rem^-1)_SS] z = w_S`` are solved approximately — float32 Jacobi-PCG for all
+    rows at once, one (rows x B)(B x B) product per iteration, to a relative residual of ``SWEEP_TOL``
+    (at most ``SWEEP_MAX_ITER`` iterations). The sweep only chooses the mask and warm-starts the exact
+    solve, which sets the kept weights to the exact optimum of the final mask whatever the sweep left;
+    batched per-row factorisations cost several times more and changed no layer's error measurably."""
+    rows, width = w1.shape
+    removed = torch.zeros(rows, width, dtype=torch.bool, device=w1.device).scatter_(1, remove_idx, True)
     gram32 = gram.float()
-    r = remove_idx.shape[1]
-    z = torch.empty_like(w_s)
-    # on a CPU, row chunks small enough to stay in cache; on a GPU, as many rows as memory allows
-    budget = SWEEP_CHUNK_ELEMENTS if w1.device.type == "cpu" else SOLVE_CHUNK_ELEMENTS
-    step = max(1, budget // (r * r))
-    for r1 in range(0, w_s.shape[0], step):
-        idx = remove_idx[r1 : r1 + step]
-        z[r1 : r1 + step] = _factor(_gather_square(gram32, idx), gram, idx)(w_s[r1 : r1 + step])
-    return torch.zeros_like(w1).scatter_(1, remove_idx, z) @ u1.T  # e_n = U[:, S_n] z_n
+    inv_diag = torch.where(removed, 1.0 / torch.diag(gram32)[None, :], 0.0)
+    rhs = torch.where(removed, w1.float(), 0.0)
+    z = _pcg32(rhs, inv_diag, gram32, SWEEP_TOL, min(SWEEP_MAX_ITER, remove_idx.shape[1]))
+    return z.double() @ u1.T  # e_n = U[:, S_n] z_n (z is zero off S_n)
 
 
 def _mrp_sweep(w, upper, sparsity, nm, blocksize):
@@ -284,23 +290,33 @@ def exact_solve(
     h_damped: torch.Tensor,
     hinv: torch.Tensor,
     start: Optional[torch.Tensor] = None,
-    tol: float = 1e-9,
+    tol: float = WEIGHT_TOL,
     max_iter: Optional[int] = None,
     wh: Optional[torch.Tensor] = None,
     return_product: bool = False,
+    residual_tol: Optional[float] = None,
+    eig_floor: Optional[float] = None,
+    start_h: Optional[torch.Tensor] = None,
 ):
     """Per row, the exact least-squares optimum on the kept support: the w' with w'_P = 0 minimising
     (w' - w) H (w' - w)^T (H damped), i.e. ``H_KK w'_K = (w H)_K``.
 
-    All rows are solved together by mixed-precision iterative refinement: the residual is computed in
-    float64, and the correction is solved by Jacobi-preconditioned conjugate gradients in float32 (one
-    dense product per iteration, all rows at once), until every row's float64 relative residual
-    ``|(w H)_K - (w' H)_K| / |(w H)_K|`` is below ``tol``. Rows not converged after ``REFINEMENTS``
-    rounds of at most ``max_iter`` iterations (default in_features / 16, about the cost of one direct
-    solve) are solved directly (float64-refined batched factorisations).
+    All rows are solved together by mixed-precision iterative refinement: the residual
+    ``r_K = (w H)_K - (w' H)_K`` is computed in float64, and the correction is solved by
+    Jacobi-preconditioned conjugate gradients in float32 (one dense product per iteration, all rows at
+    once), until every row is within ``tol`` of its optimum, relative: ``|w'_K - w*_K| <= tol |w*_K|``.
+    That is guaranteed, not estimated: ``|w'_K - w*_K| <= |r_K| / lambda_min(H_KK)`` and
+    ``lambda_min(H_KK) >= lambda_min(H) >= eig_floor`` (eigenvalue interlacing); ``eig_floor`` defaults
+    to ``1 / max_i sum_j |H^-1_ij|``, and ``prune_linear`` passes a tighter floor it has verified from
+    the damping (``_eig_floor``). With ``residual_tol`` the rows stop instead at a relative residual
+    ``|r_K| / |(w H)_K|`` below it (the swap rounds' cheap comparisons).
 
-    ``wh`` may pass ``weight @ h_damped`` (float64) when the caller has it; with ``return_product`` the
-    result is ``(x, x @ h_damped)``, the product being the one the final residual check computed.
+    Rows not converged after ``REFINEMENTS`` rounds of at most ``max_iter`` iterations (default
+    in_features / 16, about the cost of one direct solve) are solved directly (float64-refined batched
+    factorisations). ``wh`` may pass ``weight @ h_damped`` (float64) when the caller has it, and
+    ``start_h`` ``start @ h_damped`` when ``start`` is already zero where ``mask`` is; with
+    ``return_product`` the result is ``(x, x @ h_damped)``, the product being the one the final residual
+    check computed.
     """
     w = weight.double()
     keep = ~mask
@@ -308,27 +324,53 @@ def exact_solve(
         max_iter = max(8, w.shape[1] // 16)
     x = torch.where(keep, (start if start is not None else w).double(), 0.0)
     b = torch.where(keep, w @ h_damped if wh is None else wh, 0.0)
-    scale = b.norm(dim=1).clamp_min(1e-300)
+    if residual_tol is None:
+        floor = eig_floor if eig_floor is not None else _eig_floor(h_damped, hinv)
+        # |x - x*| <= beta |x| with beta = |r| / (floor |x|) gives |x - x*| <= beta / (1 - beta) |x*|
+        factor = floor * tol / (1.0 + tol)
     h32 = h_damped.float()
     inv_diag = torch.where(keep, 1.0 / torch.diag(h_damped)[None, :], 0.0).float()
     xh = torch.empty_like(x)
     active = slice(None)  # every row (no copies), then the index of the rows not yet converged
     for round_ in range(REFINEMENTS + 1):
-        xh[active] = x[active] @ h_damped
+        if round_ == 0 and start_h is not None:
+            xh.copy_(start_h)
+        elif isinstance(active, slice):
+            torch.matmul(x, h_damped, out=xh)
+        else:
+            xh[active] = x[active] @ h_damped
         r = (b[active] - xh[active]).masked_fill_(mask[active], 0.0)
-        unconverged = (r.norm(dim=1) / scale[active]) >= tol
+        if residual_tol is None:
+            target = factor * x[active].norm(dim=1)
+        else:
+            target = residual_tol * b[active].norm(dim=1)
+        norm = r.norm(dim=1)
+        unconverged = ~(norm <= target)  # a non-finite row is not converged
         if not bool(unconverged.any()):
             return (x, xh) if return_product else x
         if not bool(unconverged.all()):
-            active, r = _rows(active, w.shape[0], w.device)[unconverged], r[unconverged]
+            active = _rows(active, w.shape[0], w.device)[unconverged]
+            r, norm, target = r[unconverged], norm[unconverged], target[unconverged]
         if round_ == REFINEMENTS:
             break
         # float32 reaches ~1e-6 relative; ask each row for what it still needs, within that
-        inner = (tol * scale[active] / r.norm(dim=1)).clamp(min=INNER_TOL).float()
+        inner = (target / norm).clamp(min=INNER_TOL).float()
         x[active] += _pcg32(r.float(), inv_diag[active], h32, inner, max_iter).double()
     x[active] = _direct_solve(w[active], mask[active], h_damped, hinv)  # rows CG did not bring to tol
     xh[active] = x[active] @ h_damped
     return (x, xh) if return_product else x
+
+
+def _eig_floor(h_damped: torch.Tensor, hinv: torch.Tensor, guess: Optional[float] = None) -> float:
+    """A verified lower bound on the smallest eigenvalue of ``h_damped``: ``guess`` if ``h_damped - guess I``
+    has a Cholesky factor (backward stability makes that a proof, up to a relative 1e-12 we take off),
+    else ``1 / |H^-1|_inf`` (the largest eigenvalue of H^-1 is at most any induced norm of it)."""
+    bound = 1.0 / float(hinv.abs().sum(1).max())
+    if guess is not None and guess > bound:
+        shifted = h_damped - guess * torch.eye(h_damped.shape[0], dtype=h_damped.dtype, device=h_damped.device)
+        if int(torch.linalg.cholesky_ex(shifted).info) == 0:
+            return max(bound, guess - 1e-12 * float(torch.diag(h_damped).abs().max()) * h_damped.shape[0])
+    return bound
 
 
 def _rows(active, rows: int, device) -> torch.Tensor:
@@ -343,19 +385,23 @@ def _pcg32(b, inv_diag, h32, rel_tol, max_iter):
     x = torch.zeros_like(b)
     r = b.clone()
     z = r * inv_diag
-    p, rz = z.clone(), (r * z).sum(1)
+    p, rz = z.clone(), torch.linalg.vecdot(r, z)
+    hp = torch.empty_like(b)  # every big buffer allocated once: fresh pages cost more than the arithmetic
     target = rz * rel_tol**2
-    tiny = torch.finfo(torch.float32).tiny
     for _ in range(max_iter):
         if bool((rz <= target).all()):
             break
-        hp = p @ h32
-        alpha = rz / (p * hp).sum(1).clamp_min(tiny)
+        torch.matmul(p, h32, out=hp)
+        curvature = torch.linalg.vecdot(p, hp)
+        # a row whose operator float32 sees as not positive definite (p H p <= 0, or not finite) stops
+        # for good where it is (rz = 0 from then on); the caller's float64 check or direct solve takes over
+        live = (curvature > 0) & (rz > 0)
+        alpha = torch.where(live, rz / torch.where(live, curvature, 1.0), 0.0)
         x.addcmul_(alpha[:, None], p)
         r.addcmul_(alpha[:, None], hp, value=-1.0)
         torch.mul(r, inv_diag, out=z)
-        rz_next = (r * z).sum(1)
-        p = torch.addcmul(z, (rz_next / rz.clamp_min(tiny))[:, None], p)
+        rz_next = torch.where(live, torch.linalg.vecdot(r, z), 0.0)
+        p.mul_(torch.where(live, rz_next / torch.where(live, rz, 1.0), 0.0)[:, None]).add_(z)
         rz = rz_next
     return x
 
@@ -433,7 +479,7 @@ def _relative_error_from_products(w, new, wh, new_h, h_damped, hessian) -> float
 
 def _row_losses(w: torch.Tensor, w_new: torch.Tensor, wh: torch.Tensor, new_h: torch.Tensor) -> torch.Tensor:
     """Per row (w' - w) H (w' - w)^T from the products w H and w' H."""
-    return ((new_h - wh) * (w_new - w)).sum(1)
+    return torch.linalg.vecdot(new_h - wh, w_new - w)
 
 
 def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Optional[int] = None, fraction: float = 0.05):
@@ -446,9 +492,9 @@ def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Option
     """
     rows, cols = w.shape
     removed = int(mask[0].sum())
-    grad = solution_h - wh
-    gain = torch.where(mask, grad**2 / torch.diag(h_damped)[None, :], torch.full_like(grad, -1.0))
-    cost = torch.where(mask, torch.full_like(grad, float("inf")), solution**2 / torch.diag(hinv)[None, :])
+    # in place where possible: on a CPU, fresh pages for big temporaries cost more than the arithmetic
+    gain = torch.sub(solution_h, wh).square_().div_(torch.diag(h_damped)[None, :]).masked_fill_(~mask, -1.0)
+    cost = solution.square().div_(torch.diag(hinv)[None, :]).masked_fill_(mask, float("inf"))
     rows_idx = torch.arange(rows, device=w.device)[:, None]
     if group is None:
         t = max(1, int(fraction * min(removed, cols - removed)))
@@ -470,17 +516,28 @@ def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Option
     rows_idx = rows_idx.expand(rows, add.shape[1])
     candidate[rows_idx[worth], add[worth]] = False
     candidate[rows_idx[worth], drop[worth]] = True
-    changed = worth.any(1).nonzero().flatten()  # only rows with a swap need a new solve
-    trial, trial_h = exact_solve(w[changed], candidate[changed], h_damped, hinv, start=solution[changed],
-                                 wh=wh[changed], return_product=True, tol=SWAP_TOL)
-    before = _row_losses(w[changed], solution[changed], wh[changed], solution_h[changed])
-    better = _row_losses(w[changed], trial, wh[changed], trial_h) < before * (1 - 1e-9)
-    accepted = changed[better]
+    changed = worth.any(1)
+    # only rows with a swap need a new solve (no row copies when that is every row)
+    index = None if bool(changed.all()) else changed.nonzero().flatten()
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if index is None else t[index]
+
+    w_c, wh_c = pick(w), pick(wh)
+    trial, trial_h = exact_solve(w_c, pick(candidate), h_damped, hinv, start=pick(solution),
+                                 wh=wh_c, return_product=True, residual_tol=SWAP_TOL)
+    before = _row_losses(w_c, pick(solution), wh_c, pick(solution_h))
+    improved = _row_losses(w_c, trial, wh_c, trial_h) < before * (1 - 1e-9)
+    if index is None:
+        keep_trial = improved[:, None]
+        return (torch.where(keep_trial, candidate, mask), torch.where(keep_trial, trial, solution),
+                torch.where(keep_trial, trial_h, solution_h), int(improved.sum()))
+    accepted = index[improved]
     mask, solution, solution_h = mask.clone(), solution.clone(), solution_h.clone()
     mask[accepted] = candidate[accepted]
-    solution[accepted] = trial[better]
-    solution_h[accepted] = trial_h[better]
-    return mask, solution, solution_h, int(better.sum())
+    solution[accepted] = trial[improved]
+    solution_h[accepted] = trial_h[improved]
+    return mask, solution, solution_h, int(improved.sum())
 
 
 @torch.no_grad()
@@ -533,9 +590,11 @@ def prune_linear(
         else:
             swept, mask = _mrp_sweep(w.clone(), upper, sparsity or 0.0, nm, blocksize)
             wh = w @ h
+            # H = hessian + damping >= 0.9 x the smallest diagonal shift if hessian is PSD (verified)
+            floor = _eig_floor(h, hinv, 0.9 * float((torch.diag(h) - torch.diag(hessian).double()).min()))
             # swap rounds compare masks through looser solves; the final mask is solved exactly
             new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
-                                     tol=SWAP_TOL if swap_rounds else 1e-9)
+                                     residual_tol=SWAP_TOL if swap_rounds else None, eig_floor=floor)
             loss = float(_row_losses(w, new, wh, new_h).sum())
             for _ in range(swap_rounds):
                 mask, new, new_h, improved = _swap_round(w, wh, mask, new, new_h, h, hinv,
@@ -545,7 +604,8 @@ def prune_linear(
                 if not improved or loss > previous * (1 - SWAP_MIN_GAIN):
                     break
             if swap_rounds:
-                new, new_h = exact_solve(w, mask, h, hinv, start=new, wh=wh, return_product=True)
+                new, new_h = exact_solve(w, mask, h, hinv, start=new, wh=wh, return_product=True,
+                                         eig_floor=floor, start_h=new_h)
         new = new.masked_fill(mask, 0.0)
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
     if method == "mrp":
