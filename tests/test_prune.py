@@ -53,9 +53,14 @@ def test_mrp_error_statistic_equals_the_direct_formula_with_dead_inputs(swap_rou
 
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(sparsity=0.8), dict(sparsity=0.25), dict(pattern="2:4")],
                          ids=lambda t: str(list(t.values())[0]))
-def test_mrp_kept_weights_are_the_least_squares_optimum(target):
+@pytest.mark.parametrize("swap_rounds", [0, 1, 3])
+def test_mrp_kept_weights_are_the_least_squares_optimum(target, swap_rounds):
+    """Whatever path a row took (no swap, a swap refused, a swap taken in the last or an earlier round),
+    its kept weights end at the exact optimum for its final mask."""
     w, h = correlated_problem(out=40, inp=48)
-    new, mask, _ = prune_linear(w, h, method="mrp", **target)
+    new, mask, stats = prune_linear(w, h, method="mrp", swap_rounds=swap_rounds, **target)
+    if swap_rounds:
+        assert 0 < stats.swap_rows_improved  # the swap paths were taken
     damped = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(48, dtype=torch.float64)
     for row in range(w.shape[0]):
         kept = (~mask[row]).nonzero().flatten()

@@ -30,11 +30,12 @@ Methods (all give exactly the same number of removed weights in every row, or va
   3. where it pays, swap rounds (``swap_rounds``, default 1): per row, removed weights whose freeing would gain more
      (g_i^2 / H_ii, g = gradient at the solution) than the cheapest kept weights cost to remove
      (w_j^2 / [H^-1]_jj) are swapped in (for N:M within the same group of M), the row is re-solved,
-     and the swap is kept if the row's error went down. Rounds stop when one gains < 1%. The masks
-     are compared through solves to a relative residual of 1e-2 (``SWAP_TOL``; the final mask is then
-     solved exactly as in step 2, from the last of those solutions). Those row errors are upper
-     bounds off by an amount that grows with the conditioning of the kept block, so on
-     ill-conditioned Hessians a few rows can keep a swap that leaves them slightly worse.
+     and the swap is kept if the row's error went down. Rounds stop when one gains < 1%. The current
+     masks are solved to a relative residual of 1e-2 (``SWAP_TOL``) and so are the candidates, except
+     in the last round, whose candidates are solved exactly (as in step 2); the rows left without an
+     exact solution are then solved exactly. The errors of those loose solutions are upper bounds
+     off by an amount that grows with the conditioning of the kept block, so on ill-conditioned
+     Hessians a few rows can keep a swap that leaves them slightly worse.
 
   Departures from the paper's text, as far as it is known (its code was never published): the exact
   re-solve of step 2 and the swap round of step 3 are ours; the paper's sweep keeps the weights it
@@ -482,13 +483,17 @@ def _row_losses(w: torch.Tensor, w_new: torch.Tensor, wh: torch.Tensor, new_h: t
     return torch.linalg.vecdot(new_h - wh, w_new - w)
 
 
-def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Optional[int] = None, fraction: float = 0.05):
-    """One swap round (module docstring, step 3); returns (mask, solution, solution @ H, rows improved).
+def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Optional[int] = None,
+                fraction: float = 0.05, eig_floor: Optional[float] = None):
+    """One swap round (module docstring, step 3); returns (mask, solution, solution @ H, improved), where
+    ``improved`` is True for the rows that took their swap.
 
     Removed weights whose freeing would gain more than the cheapest kept weights cost are swapped in
     (within the same group of ``group`` columns for N:M, which keeps the pattern valid); each row keeps
-    the swap only if its exact re-solve has a lower error. ``wh``/``solution_h``: ``w @ H`` and
-    ``solution @ H``, so that gradients and errors need no further products.
+    the swap only if its re-solve has a lower error. ``wh``/``solution_h``: ``w @ H`` and
+    ``solution @ H``, so that gradients and errors need no further products. The re-solves stop at
+    ``SWAP_TOL``, or, given ``eig_floor``, are exact (``exact_solve``'s tolerance): the rows that took
+    their swap then hold their exact solution.
     """
     rows, cols = w.shape
     removed = int(mask[0].sum())
@@ -511,7 +516,7 @@ def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Option
         add = chosen * group + add_in.gather(1, chosen)
         drop = chosen * group + drop_in.gather(1, chosen)
     if not bool(worth.any()):
-        return mask, solution, solution_h, 0
+        return mask, solution, solution_h, torch.zeros(rows, dtype=torch.bool, device=w.device)
     candidate = mask.clone()
     rows_idx = rows_idx.expand(rows, add.shape[1])
     candidate[rows_idx[worth], add[worth]] = False
@@ -524,20 +529,21 @@ def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Option
         return t if index is None else t[index]
 
     w_c, wh_c = pick(w), pick(wh)
-    trial, trial_h = exact_solve(w_c, pick(candidate), h_damped, hinv, start=pick(solution),
-                                 wh=wh_c, return_product=True, residual_tol=SWAP_TOL)
+    trial, trial_h = exact_solve(w_c, pick(candidate), h_damped, hinv, start=pick(solution), wh=wh_c,
+                                 return_product=True, eig_floor=eig_floor,
+                                 residual_tol=SWAP_TOL if eig_floor is None else None)
     before = _row_losses(w_c, pick(solution), wh_c, pick(solution_h))
     improved = _row_losses(w_c, trial, wh_c, trial_h) < before * (1 - 1e-9)
     if index is None:
         keep_trial = improved[:, None]
         return (torch.where(keep_trial, candidate, mask), torch.where(keep_trial, trial, solution),
-                torch.where(keep_trial, trial_h, solution_h), int(improved.sum()))
+                torch.where(keep_trial, trial_h, solution_h), improved)
     accepted = index[improved]
     mask, solution, solution_h = mask.clone(), solution.clone(), solution_h.clone()
     mask[accepted] = candidate[accepted]
     solution[accepted] = trial[improved]
     solution_h[accepted] = trial_h[improved]
-    return mask, solution, solution_h, int(improved.sum())
+    return mask, solution, solution_h, changed.index_put((index,), improved) & changed
 
 
 @torch.no_grad()
@@ -596,16 +602,26 @@ def prune_linear(
             new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
                                      residual_tol=SWAP_TOL if swap_rounds else None, eig_floor=floor)
             loss = float(_row_losses(w, new, wh, new_h).sum())
-            for _ in range(swap_rounds):
+            solved = None  # rows already holding their exact solution
+            for round_ in range(swap_rounds):
+                last = round_ == swap_rounds - 1  # the last round's re-solves are exact
                 mask, new, new_h, improved = _swap_round(w, wh, mask, new, new_h, h, hinv,
-                                                         group=None if nm is None else nm[1])
-                stats.swap_rows_improved += improved
+                                                         group=None if nm is None else nm[1],
+                                                         eig_floor=floor if last else None)
+                stats.swap_rows_improved += int(improved.sum())
+                solved = improved if last else None
                 previous, loss = loss, float(_row_losses(w, new, wh, new_h).sum())
-                if not improved or loss > previous * (1 - SWAP_MIN_GAIN):
+                if not bool(improved.any()) or loss > previous * (1 - SWAP_MIN_GAIN):
                     break
             if swap_rounds:
-                new, new_h = exact_solve(w, mask, h, hinv, start=new, wh=wh, return_product=True,
-                                         eig_floor=floor, start_h=new_h)
+                rest = None if solved is None or not bool(solved.any()) else (~solved).nonzero().flatten()
+                if rest is None:
+                    new, new_h = exact_solve(w, mask, h, hinv, start=new, wh=wh, return_product=True,
+                                             eig_floor=floor, start_h=new_h)
+                elif rest.numel():
+                    new[rest], new_h[rest] = exact_solve(w[rest], mask[rest], h, hinv, start=new[rest],
+                                                         wh=wh[rest], return_product=True, eig_floor=floor,
+                                                         start_h=new_h[rest])
         new = new.masked_fill(mask, 0.0)
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
     if method == "mrp":
