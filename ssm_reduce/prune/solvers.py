@@ -323,14 +323,17 @@ def exact_solve(
     keep = ~mask
     if max_iter is None:
         max_iter = max(8, w.shape[1] // 16)
+    # few big temporaries: on a CPU, fresh pages for them can cost as much as the arithmetic
     x = torch.where(keep, (start if start is not None else w).double(), 0.0)
-    b = torch.where(keep, w @ h_damped if wh is None else wh, 0.0)
+    b = w @ h_damped if wh is None else wh  # (w H)_K is b off the mask; r is masked, so b need not be
     if residual_tol is None:
         floor = eig_floor if eig_floor is not None else _eig_floor(h_damped, hinv)
         # |x - x*| <= beta |x| with beta = |r| / (floor |x|) gives |x - x*| <= beta / (1 - beta) |x*|
         factor = floor * tol / (1.0 + tol)
+    else:
+        scale = b.masked_fill(mask, 0.0).norm(dim=1)
     h32 = h_damped.float()
-    inv_diag = torch.where(keep, 1.0 / torch.diag(h_damped)[None, :], 0.0).float()
+    inv_diag = torch.where(keep, (1.0 / torch.diag(h_damped)).float()[None, :], 0.0)
     xh = torch.empty_like(x)
     active = slice(None)  # every row (no copies), then the index of the rows not yet converged
     for round_ in range(REFINEMENTS + 1):
@@ -340,11 +343,11 @@ def exact_solve(
             torch.matmul(x, h_damped, out=xh)
         else:
             xh[active] = x[active] @ h_damped
-        r = (b[active] - xh[active]).masked_fill_(mask[active], 0.0)
+        r = torch.sub(b[active], xh[active]).masked_fill_(mask[active], 0.0)
         if residual_tol is None:
             target = factor * x[active].norm(dim=1)
         else:
-            target = residual_tol * b[active].norm(dim=1)
+            target = residual_tol * scale[active]
         norm = r.norm(dim=1)
         unconverged = ~(norm <= target)  # a non-finite row is not converged
         if not bool(unconverged.any()):
@@ -356,7 +359,11 @@ def exact_solve(
             break
         # float32 reaches ~1e-6 relative; ask each row for what it still needs, within that
         inner = (target / norm).clamp(min=INNER_TOL).float()
-        x[active] += _pcg32(r.float(), inv_diag[active], h32, inner, max_iter).double()
+        correction = _pcg32(r.float(), inv_diag[active], h32, inner, max_iter)
+        if isinstance(active, slice):
+            x.add_(correction)
+        else:
+            x[active] += correction.double()
     x[active] = _direct_solve(w[active], mask[active], h_damped, hinv)  # rows CG did not bring to tol
     xh[active] = x[active] @ h_damped
     return (x, xh) if return_product else x
@@ -382,9 +389,10 @@ def _pcg32(b, inv_diag, h32, rel_tol, max_iter):
     """Jacobi-preconditioned CG for ``H_KK x = b_K`` on every row from x = 0, in float32, until each
     row's preconditioned residual norm is below ``rel_tol`` times its right-hand side's or
     ``max_iter``. ``inv_diag`` is zero off the support, which keeps z, p and x on it; r is only ever
-    read through z, so it needs no masking (the caller checks the true float64 residual)."""
+    read through z, so it needs no masking (the caller checks the true float64 residual). ``b`` is
+    overwritten (it becomes the residual)."""
     x = torch.zeros_like(b)
-    r = b.clone()
+    r = b  # overwritten: callers pass a temporary
     z = r * inv_diag
     p, rz = z.clone(), torch.linalg.vecdot(r, z)
     hp = torch.empty_like(b)  # every big buffer allocated once: fresh pages cost more than the arithmetic
