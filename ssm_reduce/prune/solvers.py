@@ -551,7 +551,9 @@ def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Option
     mask[accepted] = candidate[accepted]
     solution[accepted] = trial[improved]
     solution_h[accepted] = trial_h[improved]
-    return mask, solution, solution_h, changed.index_put((index,), improved) & changed
+    taken = torch.zeros(rows, dtype=torch.bool, device=w.device)
+    taken[accepted] = True
+    return mask, solution, solution_h, taken
 
 
 @torch.no_grad()
