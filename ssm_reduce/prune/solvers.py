@@ -68,8 +68,9 @@ REFINEMENTS = 4
 INNER_TOL = 1e-6
 # Swap rounds stop once a round lowers the layer's (damped) error by less than this fraction.
 SWAP_MIN_GAIN = 0.01
-# Swap rounds compare masks through solves to this float64 relative residual (a row's loss is off by
-# a second-order amount in it); the final mask is then solved to the exact solve's tolerance.
+# Swap rounds solve the current masks, and every round's candidates but the last's, to this float64
+# relative residual (a row's loss is off by a second-order amount in it); the last round's candidates
+# and the rows left with a loose solution are solved to the exact solve's tolerance.
 SWAP_TOL = 1e-2
 
 
