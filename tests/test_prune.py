@@ -82,7 +82,7 @@ def _independent_solve(w, mask, damped):
 def test_exact_solve_mixed_precision_reaches_float64_accuracy(max_iter):
     """float32 inner CG + float64 refinement (or the direct fallback when CG is cut short) match a float64
     solve far below float32 resolution, on a badly conditioned Hessian."""
-    from ssm_reduce.prune.solvers import exact_solve
+    from ssm_reduce.prune.solvers import WEIGHT_TOL, exact_solve
 
     w, h = correlated_problem(out=24, inp=64, tokens=96)  # fewer tokens than 3/2 inputs: near-singular
     damped = h.double() + 1e-6 * torch.diag(h.double()).mean() * torch.eye(64, dtype=torch.float64)
@@ -91,12 +91,14 @@ def test_exact_solve_mixed_precision_reaches_float64_accuracy(max_iter):
     got = exact_solve(w, mask, damped, torch.linalg.inv(damped), max_iter=max_iter)
     want = _independent_solve(w, mask, damped)
     assert torch.equal(got[mask], torch.zeros(int(mask.sum()), dtype=torch.float64))
-    # the documented guarantee (relative error of every row's kept weights <= 1e-5), checked independently
-    assert float(((got - want).norm(dim=1) / want.norm(dim=1)).max()) <= 1e-5
+    # the documented guarantee (relative error of every row's kept weights <= WEIGHT_TOL, half the 1e-4
+    # the issue asks for), checked independently
+    assert WEIGHT_TOL <= 5e-5
+    assert float(((got - want).norm(dim=1) / want.norm(dim=1)).max()) <= WEIGHT_TOL
     # ... and through its proof: |x - x*| <= |r_K| / lambda_min(H), with the true lambda_min
     residual = ((got - w.double()) @ damped).masked_fill(mask, 0.0).norm(dim=1)
     bound = residual / (torch.linalg.eigvalsh(damped)[0] * got.norm(dim=1))
-    assert float(bound.max()) <= 1e-5 * (1 + 1e-3)
+    assert float(bound.max()) <= WEIGHT_TOL * (1 + 1e-3)
 
 
 def test_exact_solve_tolerance_is_what_it_promises():

@@ -22,7 +22,7 @@ Methods (all give exactly the same number of removed weights in every row, or va
   2. the kept weights of every row are then set to the exact least-squares optimum on the kept support
      with the damped Hessian (``H_KK w'_K = (w H)_K``), solved for all rows at once from the sweep's
      weights by iterative refinement — float64 residuals, float32 preconditioned conjugate gradients
-     for the corrections — until every row's kept weights are provably within a relative 1e-5
+     for the corrections — until every row's kept weights are provably within a relative 5e-5
      (``WEIGHT_TOL``) of the exact optimum: ``|w' - w*| <= |residual| / lambda_min(H)``, with a floor on
      lambda_min verified from the damping by a shifted Cholesky factorisation (direct batched
      factorisation for any row that has not converged) — the sweep can never move kept weights left of
@@ -61,9 +61,10 @@ SOLVE_CHUNK_ELEMENTS = 1 << 26
 # The sweep's joint removals: relative residual and iteration cap of their float32 PCG solves.
 SWEEP_TOL = 1e-3
 SWEEP_MAX_ITER = 32
-# Exact solve: the guaranteed relative error of every row's kept weights, float64 refinement rounds, and
-# the float32 inner solve's floor on relative tolerance.
-WEIGHT_TOL = 1e-5
+# Exact solve: the guaranteed relative error of every row's kept weights (a row's loss then exceeds its
+# optimum by at most lambda_max(H) (WEIGHT_TOL |w*|)^2; half-precision weights round far coarser),
+# float64 refinement rounds, and the float32 inner solve's floor on relative tolerance.
+WEIGHT_TOL = 5e-5
 REFINEMENTS = 4
 INNER_TOL = 1e-6
 # Swap rounds stop once a round lowers the layer's (damped) error by less than this fraction.
@@ -228,10 +229,9 @@ def _remove_jointly(w1, u1, gram, remove_idx):
     batched per-row factorisations cost several times more and changed no layer's error measurably."""
     rows, width = w1.shape
     removed = torch.zeros(rows, width, dtype=torch.bool, device=w1.device).scatter_(1, remove_idx, True)
-    gram32 = gram.float()
-    inv_diag = torch.where(removed, 1.0 / torch.diag(gram32)[None, :], 0.0)
-    rhs = torch.where(removed, w1.float(), 0.0)
-    z = _pcg32(rhs, inv_diag, gram32, SWEEP_TOL, min(SWEEP_MAX_ITER, remove_idx.shape[1]))
+    gram_hat, scale = _jacobi_scaled(gram)
+    rhs = torch.where(removed, w1.float() * scale, 0.0)
+    z = _pcg32(rhs, removed.float(), gram_hat, SWEEP_TOL, min(SWEEP_MAX_ITER, remove_idx.shape[1])).mul_(scale)
     return z.double() @ u1.T  # e_n = U[:, S_n] z_n (z is zero off S_n)
 
 
@@ -244,6 +244,11 @@ def _mrp_sweep(w, upper, sparsity, nm, blocksize):
         n, m = nm
         blocksize = max(m, (blocksize // m) * m)
         combos = torch.tensor(list(itertools.combinations(range(m), m - n)), device=w.device)  # (C, r)
+        n_combos = combos.shape[0]
+        # E[c]: the (m, r) one-hot embedding of candidate set c; chosen[c]: its (m,) removal pattern
+        embed = torch.zeros(n_combos, m, m - n, dtype=w.dtype, device=w.device)
+        embed.scatter_(1, combos[:, None, :], 1.0)
+        chosen = embed.sum(-1) > 0
     counts = _block_counts(sparsity, cols, blocksize) if nm is None else None
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
@@ -262,29 +267,31 @@ def _mrp_sweep(w, upper, sparsity, nm, blocksize):
                 w1[mask1] = 0
                 err1 = e
         else:
-            for g in range(0, i2 - i1, m):
-                ug = u1[g : g + m, g : g + m]  # the group's block of U (upper triangular)
-                us = ug[:, combos]  # (m, C, r)
-                a = torch.einsum("icr,ics->crs", us, us)  # (C, r, r), shared by all rows
-                a_inv = torch.linalg.inv(a)
+            groups = (i2 - i1) // m
+            # per group g and candidate set S (all groups of the block at once): A = (H_rem^-1)_SS =
+            # U_GS^T U_GS with U_GS the group's block of U; a row's loss is w_S A^-1 w_S = w_G Q w_G^T (one
+            # (rows x m)(m x Cm) product scores every candidate set) and its joint removal is
+            # e_G = U_GS A^-1 w_S = w_G R
+            arange = torch.arange(groups, device=w.device)
+            ug = u1.reshape(groups, m, groups, m)[arange, :, arange, :]  # (G, m, m) diagonal blocks
+            us = ug[:, :, combos]  # (G, m, C, r)
+            a_inv = torch.linalg.inv(torch.einsum("gicr,gics->gcrs", us, us))  # (G, C, r, r)
+            q = torch.einsum("cir,gcrs,cjs->gicj", embed, a_inv, embed).reshape(groups, m, n_combos * m)
+            rr = torch.einsum("cir,gcrs,gjcs->gcij", embed, a_inv, us)  # (G, C, m, m)
+            for gi, g in enumerate(range(0, i2 - i1, m)):
                 wg = w1[:, g : g + m]
-                ws = wg[:, combos]  # (rows, C, r)
-                loss = torch.einsum("ncr,crs,ncs->nc", ws, a_inv, ws)
-                best = loss.argmin(1)
-                idx = combos[best]  # (rows, r)
-                z = torch.einsum("nrs,ns->nr", a_inv[best], wg.gather(1, idx))
-                e_g = torch.einsum("nir,nr->ni", us.permute(1, 0, 2)[best], z)  # U_GS z, per row
+                scores = (wg @ q[gi]).view(rows, n_combos, m)
+                best = torch.linalg.vecdot(scores, wg[:, None, :]).argmin(1)  # (rows,)
+                e_g = torch.bmm(wg[:, None, :], rr[gi][best])[:, 0]  # (rows, m)
                 w1[:, g:] -= e_g @ u1[g : g + m, g:]
-                sel = torch.zeros(rows, m, dtype=torch.bool, device=w.device)
-                sel.scatter_(1, idx, True)
-                w1[:, g : g + m][sel] = 0
+                sel = chosen[best]
+                w1[:, g : g + m].mul_(~sel)  # exactly zero where removed
                 mask1[:, g : g + m] = sel
                 err1[:, g : g + m] = e_g
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]
         mask[:, i1:i2] = mask1
     return w, mask
-
 
 def exact_solve(
     weight: torch.Tensor,
@@ -298,7 +305,6 @@ def exact_solve(
     return_product: bool = False,
     residual_tol: Optional[float] = None,
     eig_floor: Optional[float] = None,
-    start_h: Optional[torch.Tensor] = None,
 ):
     """Per row, the exact least-squares optimum on the kept support: the w' with w'_P = 0 minimising
     (w' - w) H (w' - w)^T (H damped), i.e. ``H_KK w'_K = (w H)_K``.
@@ -315,10 +321,10 @@ def exact_solve(
 
     Rows not converged after ``REFINEMENTS`` rounds of at most ``max_iter`` iterations (default
     in_features / 16, about the cost of one direct solve) are solved directly (float64-refined batched
-    factorisations). ``wh`` may pass ``weight @ h_damped`` (float64) when the caller has it, and
-    ``start_h`` ``start @ h_damped`` when ``start`` is already zero where ``mask`` is; with
+    factorisations). ``wh`` may pass ``weight @ h_damped`` (float64) when the caller has it; with
     ``return_product`` the result is ``(x, x @ h_damped)``, the product being the one the final residual
-    check computed.
+    check computed. With ``residual_tol`` those products are float32 ones (enough for the residual it
+    asks for, at half the cost of float64).
     """
     w = weight.double()
     keep = ~mask
@@ -333,18 +339,25 @@ def exact_solve(
         factor = floor * tol / (1.0 + tol)
     else:
         scale = b.masked_fill(mask, 0.0).norm(dim=1)
-    h32 = h_damped.float()
-    inv_diag = torch.where(keep, (1.0 / torch.diag(h_damped)).float()[None, :], 0.0)
+    h_hat, scale32 = _jacobi_scaled(h_damped)
+    support = keep.float()  # masking by a product: several times faster on a CPU than by a bool mask
+    # a loose solve's residuals need far less than float32's precision: float32 products, half the cost
+    h32 = None if residual_tol is None else h_damped.float()
+
+    def times_h(rows_x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if h32 is None:
+            return torch.matmul(rows_x, h_damped, out=out)
+        product = (rows_x.float() @ h32).double()
+        return product if out is None else out.copy_(product)
+
     xh = torch.empty_like(x)
     active = slice(None)  # every row (no copies), then the index of the rows not yet converged
     for round_ in range(REFINEMENTS + 1):
-        if round_ == 0 and start_h is not None:
-            xh.copy_(start_h)
-        elif isinstance(active, slice):
-            torch.matmul(x, h_damped, out=xh)
+        if isinstance(active, slice):
+            times_h(x, out=xh)
         else:
-            xh[active] = x[active] @ h_damped
-        r = torch.sub(b[active], xh[active]).masked_fill_(mask[active], 0.0)
+            xh[active] = times_h(x[active])
+        r = torch.sub(b[active], xh[active]).mul_(support[active])
         if residual_tol is None:
             target = factor * x[active].norm(dim=1)
         else:
@@ -360,7 +373,7 @@ def exact_solve(
             break
         # float32 reaches ~1e-6 relative; ask each row for what it still needs, within that
         inner = (target / norm).clamp(min=INNER_TOL).float()
-        correction = _pcg32(r.float(), inv_diag[active], h32, inner, max_iter)
+        correction = _pcg32(r.float().mul_(scale32), support[active], h_hat, inner, max_iter).mul_(scale32)
         if isinstance(active, slice):
             x.add_(correction)
         else:
@@ -386,34 +399,47 @@ def _rows(active, rows: int, device) -> torch.Tensor:
     return torch.arange(rows, device=device) if isinstance(active, slice) else active
 
 
-def _pcg32(b, inv_diag, h32, rel_tol, max_iter):
-    """Jacobi-preconditioned CG for ``H_KK x = b_K`` on every row from x = 0, in float32, until each
-    row's preconditioned residual norm is below ``rel_tol`` times its right-hand side's or
-    ``max_iter``. ``inv_diag`` is zero off the support, which keeps z, p and x on it; r is only ever
-    read through z, so it needs no masking (the caller checks the true float64 residual). ``b`` is
-    overwritten (it becomes the residual)."""
-    x = torch.zeros_like(b)
+def _pcg32(b, support, a_hat, rel_tol, max_iter):
+    """Conjugate gradients for ``A_KK y = b_K`` on every row from y = 0, in float32, each row with its own
+    support K (``support``: 1.0 on it, 0.0 off it, float32), until each row's residual norm is below
+    ``rel_tol`` times its right-hand side's, or ``max_iter``. ``a_hat`` is the Jacobi-scaled operator
+    ``D^-1/2 A D^-1/2`` (unit diagonal) shared by all rows, so this is Jacobi-preconditioned CG in scaled
+    variables: the caller scales ``b`` by ``D^-1/2`` going in and ``y`` going out. ``b`` must be zero
+    off the support and is overwritten (it becomes the residual).
+
+    Every big buffer is allocated once (on a CPU, fresh pages cost more than the arithmetic), and row
+    dot products are a product then a sum (several times faster there than ``vecdot``)."""
+    y = torch.zeros_like(b)
     r = b  # overwritten: callers pass a temporary
-    z = r * inv_diag
-    p, rz = z.clone(), torch.linalg.vecdot(r, z)
-    hp = torch.empty_like(b)  # every big buffer allocated once: fresh pages cost more than the arithmetic
-    target = rz * rel_tol**2
+    p, hp, tmp = r.clone(), torch.empty_like(b), torch.empty_like(b)
+
+    def dot(u, v):
+        return torch.mul(u, v, out=tmp).sum(1)
+
+    rr = dot(r, r)
+    target = rr * rel_tol**2
     for _ in range(max_iter):
-        if bool((rz <= target).all()):
+        if bool((rr <= target).all()):
             break
-        torch.matmul(p, h32, out=hp)
-        curvature = torch.linalg.vecdot(p, hp)
-        # a row whose operator float32 sees as not positive definite (p H p <= 0, or not finite) stops
-        # for good where it is (rz = 0 from then on); the caller's float64 check or direct solve takes over
-        live = (curvature > 0) & (rz > 0)
-        alpha = torch.where(live, rz / torch.where(live, curvature, 1.0), 0.0)
-        x.addcmul_(alpha[:, None], p)
-        r.addcmul_(alpha[:, None], hp, value=-1.0)
-        torch.mul(r, inv_diag, out=z)
-        rz_next = torch.where(live, torch.linalg.vecdot(r, z), 0.0)
-        p.mul_(torch.where(live, rz_next / torch.where(live, rz, 1.0), 0.0)[:, None]).add_(z)
-        rz = rz_next
-    return x
+        torch.matmul(p, a_hat, out=hp).mul_(support)  # keeps r, and so p, on the support
+        curvature = dot(p, hp)
+        # a row whose operator float32 sees as not positive definite (p A p <= 0, or not finite) stops
+        # for good where it is (rr = 0 from then on); the caller's float64 check or direct solve takes over
+        live = (curvature > 0) & (rr > 0)
+        alpha = torch.where(live, rr / torch.where(live, curvature, 1.0), 0.0)[:, None]
+        y.addcmul_(alpha, p)
+        r.addcmul_(alpha, hp, value=-1.0)
+        rr_next = torch.where(live, dot(r, r), 0.0)
+        beta = torch.where(live, rr_next / torch.where(live, rr, 1.0), 0.0)[:, None]
+        torch.addcmul(r, p, beta, out=p)  # p = r + beta p, in one pass
+        rr = rr_next
+    return y
+
+
+def _jacobi_scaled(a: torch.Tensor):
+    """(``D^-1/2 A D^-1/2`` in float32, ``D^-1/2`` as a float32 row) for a matrix with a positive diagonal."""
+    scale = torch.diag(a).double().rsqrt()
+    return (a.double() * scale[:, None] * scale[None, :]).float(), scale.float()[None, :]
 
 
 def _direct_solve(weight: torch.Tensor, mask: torch.Tensor, h_damped: torch.Tensor, hinv: torch.Tensor) -> torch.Tensor:
@@ -474,13 +500,14 @@ def _factor(sub32: torch.Tensor, matrix: torch.Tensor, idx: torch.Tensor):
     return lambda b: torch.cholesky_solve(b[..., None], chol64)[..., 0]
 
 
-def _relative_error_from_products(w, new, wh, new_h, h_damped, hessian) -> float:
-    """``relative_error(w, new, hessian)`` from the products ``w @ h_damped`` and ``new @ h_damped``
-    (H_damped - H is diagonal), without two more products with H."""
+def _relative_error_from_losses(w, new, loss, wh, h_damped, hessian) -> float:
+    """``relative_error(w, new, hessian)`` from ``loss``, the sum over rows of the damped
+    ``(new - w) H (new - w)^T``, and ``wh = w @ h_damped`` (H_damped - H is diagonal), without two more
+    products with H."""
     shift = torch.diag(h_damped) - torch.diag(hessian).double()
-    d = new - w
-    shift_num, shift_den = (d.square().sum(0) * shift).sum(), (w.square().sum(0) * shift).sum()
-    num = _row_losses(w, new, wh, new_h).sum() - shift_num
+    shift_num = (torch.linalg.vector_norm(new - w, dim=0).square() * shift).sum()
+    shift_den = (torch.linalg.vector_norm(w, dim=0).square() * shift).sum()
+    num = loss - shift_num
     den = (wh * w).sum() - shift_den
     if float(num) <= 1e-6 * float(shift_num) or float(den) <= 1e-6 * float(shift_den):
         return relative_error(w, new, hessian)  # the damping dominates: the subtraction would cancel
@@ -492,10 +519,11 @@ def _row_losses(w: torch.Tensor, w_new: torch.Tensor, wh: torch.Tensor, new_h: t
     return torch.linalg.vecdot(new_h - wh, w_new - w)
 
 
-def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Optional[int] = None,
+def _swap_round(w, wh, mask, solution, solution_h, losses, h_damped, hinv, group: Optional[int] = None,
                 fraction: float = 0.05, eig_floor: Optional[float] = None):
-    """One swap round (module docstring, step 3); returns (mask, solution, solution @ H, improved), where
-    ``improved`` is True for the rows that took their swap.
+    """One swap round (module docstring, step 3); returns (mask, solution, solution @ H, losses, taken),
+    where ``losses`` are the rows' ``(solution - w) H (solution - w)^T`` and ``taken`` is True for the
+    rows that took their swap. The inputs may be updated in place.
 
     Removed weights whose freeing would gain more than the cheapest kept weights cost are swapped in
     (within the same group of ``group`` columns for N:M, which keeps the pattern valid); each row keeps
@@ -524,8 +552,10 @@ def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Option
         worth = (best_gain - low_cost).gather(1, chosen) > 0
         add = chosen * group + add_in.gather(1, chosen)
         drop = chosen * group + drop_in.gather(1, chosen)
+    del gain, cost
+    taken = torch.zeros(rows, dtype=torch.bool, device=w.device)
     if not bool(worth.any()):
-        return mask, solution, solution_h, torch.zeros(rows, dtype=torch.bool, device=w.device)
+        return mask, solution, solution_h, losses, taken
     candidate = mask.clone()
     rows_idx = rows_idx.expand(rows, add.shape[1])
     candidate[rows_idx[worth], add[worth]] = False
@@ -541,20 +571,21 @@ def _swap_round(w, wh, mask, solution, solution_h, h_damped, hinv, group: Option
     trial, trial_h = exact_solve(w_c, pick(candidate), h_damped, hinv, start=pick(solution), wh=wh_c,
                                  return_product=True, eig_floor=eig_floor,
                                  residual_tol=SWAP_TOL if eig_floor is None else None)
-    before = _row_losses(w_c, pick(solution), wh_c, pick(solution_h))
-    improved = _row_losses(w_c, trial, wh_c, trial_h) < before * (1 - 1e-9)
-    if index is None:
-        keep_trial = improved[:, None]
-        return (torch.where(keep_trial, candidate, mask), torch.where(keep_trial, trial, solution),
-                torch.where(keep_trial, trial_h, solution_h), improved)
+    trial_losses = _row_losses(w_c, trial, wh_c, trial_h)
+    improved = trial_losses < pick(losses) * (1 - 1e-9)
+    if index is None:  # the trial arrays become the result; the rows that refused get their old state back
+        refused = (~improved).nonzero().flatten()
+        if refused.numel():
+            candidate[refused], trial[refused], trial_h[refused] = mask[refused], solution[refused], solution_h[refused]
+            trial_losses[refused] = losses[refused]
+        return candidate, trial, trial_h, trial_losses, improved
     accepted = index[improved]
-    mask, solution, solution_h = mask.clone(), solution.clone(), solution_h.clone()
     mask[accepted] = candidate[accepted]
     solution[accepted] = trial[improved]
     solution_h[accepted] = trial_h[improved]
-    taken = torch.zeros(rows, dtype=torch.bool, device=w.device)
+    losses[accepted] = trial_losses[improved]
     taken[accepted] = True
-    return mask, solution, solution_h, taken
+    return mask, solution, solution_h, losses, taken
 
 
 @torch.no_grad()
@@ -612,31 +643,33 @@ def prune_linear(
             # swap rounds compare masks through looser solves; the final mask is solved exactly
             new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
                                      residual_tol=SWAP_TOL if swap_rounds else None, eig_floor=floor)
-            loss = float(_row_losses(w, new, wh, new_h).sum())
+            losses = _row_losses(w, new, wh, new_h)
             solved = None  # rows already holding their exact solution
             for round_ in range(swap_rounds):
                 last = round_ == swap_rounds - 1  # the last round's re-solves are exact
-                mask, new, new_h, improved = _swap_round(w, wh, mask, new, new_h, h, hinv,
-                                                         group=None if nm is None else nm[1],
-                                                         eig_floor=floor if last else None)
+                previous = float(losses.sum())
+                mask, new, new_h, losses, improved = _swap_round(w, wh, mask, new, new_h, losses, h, hinv,
+                                                                 group=None if nm is None else nm[1],
+                                                                 eig_floor=floor if last else None)
                 stats.swap_rows_improved += int(improved.sum())
                 solved = improved if last else None
-                previous, loss = loss, float(_row_losses(w, new, wh, new_h).sum())
-                if not bool(improved.any()) or loss > previous * (1 - SWAP_MIN_GAIN):
+                if not bool(improved.any()) or float(losses.sum()) > previous * (1 - SWAP_MIN_GAIN):
                     break
             if swap_rounds:
                 rest = None if solved is None or not bool(solved.any()) else (~solved).nonzero().flatten()
                 if rest is None:
                     new, new_h = exact_solve(w, mask, h, hinv, start=new, wh=wh, return_product=True,
-                                             eig_floor=floor, start_h=new_h)
+                                             eig_floor=floor)
+                    losses = _row_losses(w, new, wh, new_h)
                 elif rest.numel():
                     new[rest], new_h[rest] = exact_solve(w[rest], mask[rest], h, hinv, start=new[rest],
-                                                         wh=wh[rest], return_product=True, eig_floor=floor,
-                                                         start_h=new_h[rest])
-        new = new.masked_fill(mask, 0.0)
+                                                         wh=wh[rest], return_product=True, eig_floor=floor)
+                    losses[rest] = _row_losses(w[rest], new[rest], wh[rest], new_h[rest])
+        if method != "mrp":  # (mrp's solutions are exactly zero where removed)
+            new = new.masked_fill(mask, 0.0)
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
     if method == "mrp":
-        stats.relative_error = _relative_error_from_products(w, new, wh, new_h, h, hessian)
+        stats.relative_error = _relative_error_from_losses(w, new, losses.sum(), wh, h, hessian)
     else:
         stats.relative_error = relative_error(weight, new, hessian)
     stats.seconds = time.perf_counter() - start
