@@ -4,8 +4,8 @@
   captured on training text), at 50 / 60 / 70 % and 2:4 / 4:8;
 * ``mrp-noswap``: mrp with ``swap_rounds=0`` (its cheaper setting), next to the default;
 * time (median of ``--repeats`` rounds, each running every method once; ratios are medians of the
-  per-round ratios): on random layers of public checkpoint shapes (mamba2-130m; add mamba2-2.7b on a GPU), with
-  correlated random inputs.
+  per-round ratios; in a fresh process, apart from the error pass): on random layers of public
+  checkpoint shapes (mamba2-130m; add mamba2-2.7b on a GPU), with correlated random inputs.
 
     python eval/bench_prune.py                     # CPU
     python eval/bench_prune.py --device cuda --time-shapes mamba2-130m mamba2-2.7b
@@ -16,7 +16,9 @@ Writes eval/results/bench_prune_<device>.json and prints tables.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -78,6 +80,31 @@ def layer_shapes(name):
     return {"in_proj": (2 * d_inner + 2 * n + d_inner // 64, d), "out_proj": (d, d_inner)}
 
 
+def time_methods(shapes, targets, repeats, device):
+    """Median seconds of every variant on random layers of the given checkpoint shapes (run in its own
+    process by ``main``)."""
+    harness.set_threads()
+    timings = []
+    for shape in shapes:
+        for proj, (out, inp) in layer_shapes(shape).items():
+            w, h = random_layer(out, inp, 4 * inp, device)
+            for label in targets:
+                row = {"shape": shape, "layer": proj, "size": [out, inp], "target": label}
+                # round robin: every repeat runs each variant once, so drifts of a shared machine hit
+                # all of them alike; ratios are medians of the per-round ratios
+                runs = {variant: [] for variant in VARIANTS}
+                for _ in range(repeats):
+                    for variant, kwargs in VARIANTS.items():
+                        runs[variant].append(prune_linear(w, h, **kwargs, **TARGETS[label])[2])
+                for variant, stats in runs.items():
+                    row[variant] = {"seconds": harness.median([r.seconds for r in stats]),
+                                    "relative_error": stats[0].relative_error}
+                for key, variant in (("mrp_time_over_sparsegpt", "mrp"), ("mrp_noswap_time_over_sparsegpt", "mrp-noswap")):
+                    row[key] = harness.median([a.seconds / b.seconds for a, b in zip(runs[variant], runs["sparsegpt"])])
+                timings.append(row)
+    return timings
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -105,28 +132,14 @@ def main(argv=None):
             print(f"{name:<24} {label:>6} " + " ".join(f"{row[m]['relative_error']:>10.4g}" for m in VARIANTS)
                   + f"   {row['mrp_over_sparsegpt']:.3f}", flush=True)
 
-    timings = []
-    for shape in args.time_shapes:
-        for proj, (out, inp) in layer_shapes(shape).items():
-            w, h = random_layer(out, inp, 4 * inp, args.device)
-            for label in args.time_targets:
-                row = {"shape": shape, "layer": proj, "size": [out, inp], "target": label}
-                # round robin: every repeat runs each variant once, so drifts of a shared machine hit
-                # all of them alike; ratios are medians of the per-round ratios
-                runs = {variant: [] for variant in VARIANTS}
-                for _ in range(args.repeats):
-                    for variant, kwargs in VARIANTS.items():
-                        runs[variant].append(prune_linear(w, h, **kwargs, **TARGETS[label])[2])
-                for variant, stats in runs.items():
-                    row[variant] = {"seconds": harness.median([r.seconds for r in stats]),
-                                    "relative_error": stats[0].relative_error}
-                for key, variant in (("mrp_time_over_sparsegpt", "mrp"), ("mrp_noswap_time_over_sparsegpt", "mrp-noswap")):
-                    row[key] = harness.median([a.seconds / b.seconds for a, b in zip(runs[variant], runs["sparsegpt"])])
-                timings.append(row)
-                print(f"time {shape} {proj} {out}x{inp} {label}: " + ", ".join(
-                    f"{m} {row[m]['seconds']:.2f}s" for m in VARIANTS) + f" (mrp/sparsegpt {row['mrp_time_over_sparsegpt']:.1f}x,"
-                    f" without swaps {row['mrp_noswap_time_over_sparsegpt']:.1f}x)",
-                    flush=True)
+    # timing runs in a fresh process: the error pass above (a model, its activations, many solves) leaves
+    # the allocator in a state that adds a noise of about 20% to the timings, unevenly across methods
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        timings = pool.submit(time_methods, args.time_shapes, args.time_targets, args.repeats, args.device).result()
+    for row in timings:
+        print(f"time {row['shape']} {row['layer']} {row['size'][0]}x{row['size'][1]} {row['target']}: " + ", ".join(
+            f"{m} {row[m]['seconds']:.2f}s" for m in VARIANTS) + f" (mrp/sparsegpt {row['mrp_time_over_sparsegpt']:.1f}x,"
+            f" without swaps {row['mrp_noswap_time_over_sparsegpt']:.1f}x)", flush=True)
 
     def mean_ratio(label, variant):
         vals = [r[variant]["relative_error"] / r["sparsegpt"]["relative_error"] for r in errors if r["target"] == label]
