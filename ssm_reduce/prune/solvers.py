@@ -275,19 +275,18 @@ def _mrp_sweep(w, upper, sparsity, nm, blocksize):
         else:
             groups = (i2 - i1) // m
             # per group g and candidate set S (all groups of the block at once): A = (H_rem^-1)_SS =
-            # U_GS^T U_GS with U_GS the group's block of U; a row's loss is w_S A^-1 w_S = w_G Q w_G^T (one
-            # (rows x m)(m x Cm) product scores every candidate set) and its joint removal is
-            # e_G = U_GS A^-1 w_S = w_G R
+            # U_GS^T U_GS with U_GS the group's block of U; a row's loss is w_S A^-1 w_S = w_G Q w_G^T, so
+            # one (rows x m^2)(m^2 x C) product of the rows' outer products scores every candidate set,
+            # and its joint removal is e_G = U_GS A^-1 w_S = w_G R
             arange = torch.arange(groups, device=w.device)
             ug = u1.reshape(groups, m, groups, m)[arange, :, arange, :]  # (G, m, m) diagonal blocks
             us = ug[:, :, combos]  # (G, m, C, r)
             a_inv = torch.linalg.inv(torch.einsum("gicr,gics->gcrs", us, us))  # (G, C, r, r)
-            q = torch.einsum("cir,gcrs,cjs->gicj", embed, a_inv, embed).reshape(groups, m, n_combos * m)
+            q = torch.einsum("cir,gcrs,cjs->gijc", embed, a_inv, embed).reshape(groups, m * m, n_combos)
             rr = torch.einsum("cir,gcrs,gjcs->gcij", embed, a_inv, us)  # (G, C, m, m)
             for gi, g in enumerate(range(0, i2 - i1, m)):
                 wg = w1[:, g : g + m]
-                scores = (wg @ q[gi]).view(rows, n_combos, m)
-                best = torch.linalg.vecdot(scores, wg[:, None, :]).argmin(1)  # (rows,)
+                best = ((wg[:, :, None] * wg[:, None, :]).view(rows, m * m) @ q[gi]).argmin(1)  # (rows,)
                 e_g = torch.bmm(wg[:, None, :], rr[gi][best])[:, 0]  # (rows, m)
                 w1[:, g:] -= e_g @ u1[g : g + m, g:]
                 sel = chosen[best]
