@@ -172,6 +172,38 @@ def test_joint_removal_matches_the_closed_form():
     assert torch.isfinite(e).all()
 
 
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4), (3, 8)], ids=lambda t: f"{t[0]}:{t[1]}")
+def test_nm_sweep_picks_the_least_loss_candidate_set(nm):
+    """The N:M sweep's first group sees the whole problem: in every row it must remove the candidate set
+    S of least loss w_S [(H^-1)_SS]^-1 w_S^T (brute force over all C(M, N) sets), jointly, with the
+    closed-form update w - w_S [(H^-1)_SS]^-1 (H^-1)_S,: on the whole row; in float32 as in prune_linear."""
+    import itertools
+
+    from ssm_reduce.prune.solvers import _mrp_sweep
+
+    n, m = nm
+    inp = m if m == 8 else 4 * m  # M = 8: one group, the whole row
+    w, h = correlated_problem(out=48, inp=inp, seed=6)
+    w = w.double()
+    hinv = torch.linalg.inv(h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(inp, dtype=torch.float64))
+    upper = torch.linalg.cholesky(hinv).mT  # hinv = U^T U
+    swept, mask = _mrp_sweep(w.float(), upper.float(), 0.0, nm, 128)
+    for row in range(w.shape[0]):
+        def loss(s):
+            s = list(s)
+            return float(w[row, s] @ torch.linalg.solve(hinv[s][:, s], w[row, s]))
+
+        best = min(itertools.combinations(range(m), m - n), key=loss)
+        assert mask[row, :m].nonzero().flatten().tolist() == list(best)
+        s = list(best)
+        want = w[row] - torch.linalg.solve(hinv[s][:, s], w[row, s]) @ hinv[s, :]
+        assert torch.equal(swept[row, s], torch.zeros(len(s)))
+        if m == w.shape[1]:  # a single group: the joint removal is the row's exact optimum
+            torch.testing.assert_close(swept[row].double(), want, rtol=1e-4, atol=1e-5)
+        else:  # the group itself is updated exactly as the closed form says
+            torch.testing.assert_close(swept[row, :m].double(), want[:m], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")], ids=["50%", "2:4"])
 def test_error_ordering_on_correlated_inputs(target):
     w, h = correlated_problem(out=128, inp=128, tokens=4096)

@@ -304,6 +304,7 @@ def _mrp_sweep(w, upper, sparsity, nm, blocksize):
         mask[:, i1:i2] = mask1
     return w, mask
 
+
 def exact_solve(
     weight: torch.Tensor,
     mask: torch.Tensor,
