@@ -96,8 +96,10 @@ def prune_tables() -> str | None:
                      "(in_proj and out_proj of three blocks), mean ratio to SparseGPT's (mrp: default, one swap "
                      "round; no swap: `swap_rounds=0`):\n\n" + "\n".join(lines)
                      + "\n\nTime on random layers of the mamba2-130m shape (median of "
-                     + f"{layer['repeats']} rounds that run every method once; ratios: median of the per-round "
-                     "ratios):\n\n" + "\n".join(timing) + "\n\n" + _env(layer))
+                     + f"{layer['repeats']} rounds that run every method once, in a fresh process; ratios: median "
+                     "of the per-round ratios; each time is the whole `prune_linear` call, the reported error "
+                     "included; sparsegpt sweeps in float32 as its reference implementation, mrp sweeps in float32 "
+                     "and solves exactly with float64 residuals):\n\n" + "\n".join(timing) + "\n\n" + _env(layer))
     if model is not None:
         md = (RESULTS / "prune_embedded.md").read_text().strip()
         proto = model["protocol"]
