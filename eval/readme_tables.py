@@ -77,29 +77,36 @@ def accuracy_table() -> str | None:
             "![accuracy vs FLOPs reduction](eval/results/accuracy_embedded.png)\n\n" + _env(payload))
 
 
+def _timing_table(layer) -> str:
+    methods = ("magnitude", "wanda", "sparsegpt", "mrp", "mrp-noswap")
+    timing = ["| layer | target | " + " | ".join(f"{m} s" for m in methods)
+              + " | mrp / sparsegpt time | mrp (no swap) / sparsegpt |", "|---|---|" + "---|" * (len(methods) + 2)]
+    for r in layer["timings"]:
+        timing.append(f"| {r['shape']} {r['layer']} {r['size'][0]}×{r['size'][1]} | {r['target']} | " + " | ".join(
+            f"{r[m]['seconds']:.2f}" for m in methods) + f" | {r['mrp_time_over_sparsegpt']:.1f}× |"
+            f" {r['mrp_noswap_time_over_sparsegpt']:.1f}× |")
+    shapes = sorted({r["shape"] for r in layer["timings"]})
+    return (f"Time on random layers of the {' and '.join(shapes)} shape (median of {layer['repeats']} rounds that "
+            "run every method once, in a fresh process; ratios: median of the per-round ratios; each time is "
+            "the whole `prune_linear` call, the reported error included; sparsegpt sweeps in float32 as its "
+            "reference implementation, mrp sweeps in float32 and solves exactly with float64 residuals):\n\n"
+            + "\n".join(timing) + "\n\n" + _env(layer))
+
+
 def prune_tables() -> str | None:
     layer = _load("bench_prune_cpu.json")
+    large = _load("bench_prune_cpu_2.7b.json")
     model = _load("prune_embedded.json")
     parts = []
     if layer is not None:
         lines = ["| target | mrp / sparsegpt layer error | mrp (no swap) / sparsegpt |", "|---|---|---|"]
         lines += [f"| {k} | {v['mean_mrp_over_sparsegpt_error']:.3f} | {v['mean_mrp_noswap_over_sparsegpt_error']:.3f} |"
                   for k, v in layer["summary"].items()]
-        methods = ("magnitude", "wanda", "sparsegpt", "mrp", "mrp-noswap")
-        timing = ["| layer | target | " + " | ".join(f"{m} s" for m in methods)
-                  + " | mrp / sparsegpt time | mrp (no swap) / sparsegpt |", "|---|---|" + "---|" * (len(methods) + 2)]
-        for r in layer["timings"]:
-            timing.append(f"| {r['shape']} {r['layer']} {r['size'][0]}×{r['size'][1]} | {r['target']} | " + " | ".join(
-                f"{r[m]['seconds']:.2f}" for m in methods) + f" | {r['mrp_time_over_sparsegpt']:.1f}× |"
-                f" {r['mrp_noswap_time_over_sparsegpt']:.1f}× |")
         parts.append("Layer level — relative error ‖WX − W'X‖²/‖WX‖² on the embedded model's own inputs "
                      "(in_proj and out_proj of three blocks), mean ratio to SparseGPT's (mrp: default, one swap "
-                     "round; no swap: `swap_rounds=0`):\n\n" + "\n".join(lines)
-                     + "\n\nTime on random layers of the mamba2-130m shape (median of "
-                     + f"{layer['repeats']} rounds that run every method once, in a fresh process; ratios: median "
-                     "of the per-round ratios; each time is the whole `prune_linear` call, the reported error "
-                     "included; sparsegpt sweeps in float32 as its reference implementation, mrp sweeps in float32 "
-                     "and solves exactly with float64 residuals):\n\n" + "\n".join(timing) + "\n\n" + _env(layer))
+                     "round; no swap: `swap_rounds=0`):\n\n" + "\n".join(lines) + "\n\n" + _timing_table(layer))
+    if large is not None:
+        parts.append(_timing_table(large))
     if model is not None:
         md = (RESULTS / "prune_embedded.md").read_text().strip()
         proto = model["protocol"]
