@@ -5,7 +5,9 @@
 * ``mrp-noswap``: mrp with ``swap_rounds=0`` (its cheaper setting), next to the default;
 * time (median of ``--repeats`` rounds, each running every method once; ratios are medians of the
   per-round ratios; in a fresh process, apart from the error pass): on random layers of public
-  checkpoint shapes (mamba2-130m; add mamba2-2.7b on a GPU), with correlated random inputs.
+  checkpoint shapes (mamba2-130m; add mamba2-2.7b on a GPU), with correlated random inputs. On a CPU,
+  mrp keeps its scratch buffers from call to call (``workspace``), as ``prune`` does from layer to
+  layer of a model (whose blocks repeat the same shapes).
 
     python eval/bench_prune.py                     # CPU
     python eval/bench_prune.py --device cuda --time-shapes mamba2-130m mamba2-2.7b
@@ -93,9 +95,12 @@ def time_methods(shapes, targets, repeats, device):
                 # round robin: every repeat runs each variant once, so drifts of a shared machine hit
                 # all of them alike; ratios are medians of the per-round ratios
                 runs = {variant: [] for variant in VARIANTS}
+                spaces = {variant: {} if kwargs["method"] == "mrp" and w.device.type == "cpu" else None
+                          for variant, kwargs in VARIANTS.items()}
                 for _ in range(repeats):
                     for variant, kwargs in VARIANTS.items():
-                        runs[variant].append(prune_linear(w, h, **kwargs, **TARGETS[label])[2])
+                        extra = {} if spaces[variant] is None else {"workspace": spaces[variant]}
+                        runs[variant].append(prune_linear(w, h, **kwargs, **extra, **TARGETS[label])[2])
                 for variant, stats in runs.items():
                     row[variant] = {"seconds": harness.median([r.seconds for r in stats]),
                                     "relative_error": stats[0].relative_error}

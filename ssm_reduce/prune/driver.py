@@ -290,6 +290,9 @@ def prune_model(
     was_training = model.training
     model.eval()
     inputs = _capture_inputs(model, blocks, tokens, batch_size, device)
+    # mrp's scratch buffers, kept from layer to layer of the same shape on a CPU (CUDA's caching
+    # allocator already reuses memory); dropped when the run ends
+    workspace = {} if method == "mrp" and device.type == "cpu" else None
     bar = tqdm(range(len(blocks)), desc=f"pruning {method}", disable=not progress)
     for i in bar:
         block = blocks[i]
@@ -306,7 +309,7 @@ def prune_model(
         for name, linear in targets[i]:
             new, _, stats = prune_linear(
                 linear.weight.data, hooks[name].h, sparsity=sparsity, pattern=pattern, method=method,
-                blocksize=blocksize, damp=damp, swap_rounds=swap_rounds,
+                blocksize=blocksize, damp=damp, swap_rounds=swap_rounds, workspace=workspace,
             )
             linear.weight.data.copy_(new)
             report.layers.append(LayerReport(

@@ -22,8 +22,10 @@ Methods (all give exactly the same number of removed weights in every row, or va
      step only chooses the mask and a starting point, step 2 makes the kept weights exact);
   2. the kept weights of every row are then set to the exact least-squares optimum on the kept support
      with the damped Hessian (``H_KK w'_K = (w H)_K``), solved for all rows at once from the sweep's
-     weights by iterative refinement — float64 residuals, float32 preconditioned conjugate gradients
-     for the corrections — until every row's kept weights are provably within a relative 5e-5
+     weights by iterative refinement — float32 residuals while far from the target and float64 ones
+     near it, Jacobi-preconditioned conjugate gradients for the corrections, their products in
+     bfloat16 where that is fast (``LOW_PRECISION``; float32 for rows it cannot move) — until every
+     row's kept weights are provably within a relative 5e-5
      (``WEIGHT_TOL``) of the exact optimum: ``|w' - w*| <= |residual| / lambda_min(H)``, with a floor on
      lambda_min verified from the damping by a shifted Cholesky factorisation (direct batched
      factorisation for any row that has not converged) — the sweep can never move kept weights left of
@@ -66,8 +68,22 @@ SWEEP_MAX_ITER = 32
 # optimum by at most lambda_max(H) (WEIGHT_TOL |w*|)^2; half-precision weights round far coarser),
 # float64 refinement rounds, and the float32 inner solve's floor on relative tolerance.
 WEIGHT_TOL = 5e-5
-REFINEMENTS = 4
+REFINEMENTS = 6
 INNER_TOL = 1e-6
+# The exact solve's residual products are float32 ones while every row's residual is above FAR_FROM_TARGET
+# times its target (their rounding is then a small fraction of it), float64 from the first round that
+# may bring a row near its target.
+FAR_FROM_TARGET = 300.0
+# Inner solves apply the Jacobi-scaled Hessian in this dtype where that is fast: "auto" (bfloat16 on CUDA
+# devices of compute capability 8.0+, and on CPUs where a probe finds bfloat16 products faster than
+# float32's), None (float32 everywhere) or a dtype. Their rounding (~4e-3) limits one inner solve to
+# about LOW_TOL relative residual; the float32/float64 residuals of the outer refinement still decide
+# every stopping test, so the guarantee is the same. A row whose low-precision round fails to cut its
+# residual 10x continues in float32; a row whose float32 round fails to goes to the direct solve.
+LOW_PRECISION = "auto"
+LOW_TOL = 1e-2
+# "auto" keeps float32 below this many input features: there the products are too small to gain.
+LOW_MIN_FEATURES = 512
 # Swap rounds stop once a round lowers the layer's (damped) error by less than this fraction.
 SWAP_MIN_GAIN = 0.01
 # Swap rounds solve the current masks, and every round's candidates but the last's, to this float64
@@ -323,82 +339,189 @@ def exact_solve(
     (w' - w) H (w' - w)^T (H damped), i.e. ``H_KK w'_K = (w H)_K``.
 
     All rows are solved together by mixed-precision iterative refinement: the residual
-    ``r_K = (w H)_K - (w' H)_K`` is computed in float64, and the correction is solved by
-    Jacobi-preconditioned conjugate gradients in float32 (one dense product per iteration, all rows at
-    once), until every row is within ``tol`` of its optimum, relative: ``|w'_K - w*_K| <= tol |w*_K|``.
+    ``r_K = (w H)_K - (w' H)_K`` is computed in float32 while every row is far from its target
+    (``FAR_FROM_TARGET``) and in float64 from then on, and the correction is solved by
+    Jacobi-preconditioned conjugate gradients (one dense product per iteration, all rows at once; the
+    product in bfloat16 where that is fast, ``LOW_PRECISION``, else float32), until every row is within
+    ``tol`` of its optimum, relative: ``|w'_K - w*_K| <= tol |w*_K|``, by a float64 residual.
     That is guaranteed, not estimated: ``|w'_K - w*_K| <= |r_K| / lambda_min(H_KK)`` and
     ``lambda_min(H_KK) >= lambda_min(H) >= eig_floor`` (eigenvalue interlacing); ``eig_floor`` defaults
     to ``1 / max_i sum_j |H^-1_ij|``, and ``prune_linear`` passes a tighter floor it has verified from
     the damping (``_eig_floor``). With ``residual_tol`` the rows stop instead at a relative residual
-    ``|r_K| / |(w H)_K|`` below it (the swap rounds' cheap comparisons).
+    ``|r_K| / |(w H)_K|`` below it, by float32 products (the swap rounds' cheap comparisons).
 
     Rows not converged after ``REFINEMENTS`` rounds of at most ``max_iter`` iterations (default
-    in_features / 16, about the cost of one direct solve) are solved directly (float64-refined batched
-    factorisations). ``wh`` may pass ``weight @ h_damped`` (float64) when the caller has it; with
-    ``return_product`` the result is ``(x, x @ h_damped)``, the product being the one the final residual
-    check computed. With ``residual_tol`` those products are float32 ones (enough for the residual it
-    asks for, at half the cost of float64). ``work``: a dict of scratch buffers to reuse across calls
-    (``_scratch``).
+    in_features / 16, about the cost of one direct solve), or whose float32 round stalled, are solved
+    directly (float64-refined batched factorisations). ``wh`` may pass ``weight @ h_damped`` (float64)
+    when the caller has it; with ``return_product`` the result is ``(x, x @ h_damped)``, the product
+    being the one the final residual check computed (float32 ones with ``residual_tol``). ``work``: a
+    dict of scratch buffers to reuse across calls (``_scratch``).
     """
     w = weight.double()
+    rows = w.shape[0]
     keep = ~mask
     if max_iter is None:
         max_iter = max(8, w.shape[1] // 16)
     # few big temporaries: on a CPU, fresh pages for them can cost as much as the arithmetic
     x = torch.where(keep, (start if start is not None else w).double(), 0.0)
     b = w @ h_damped if wh is None else wh  # (w H)_K is b off the mask; r is masked, so b need not be
-    if residual_tol is None:
+    exact = residual_tol is None
+    if exact:
         floor = eig_floor if eig_floor is not None else _eig_floor(h_damped, hinv)
         # |x - x*| <= beta |x| with beta = |r| / (floor |x|) gives |x - x*| <= beta / (1 - beta) |x*|
         factor = floor * tol / (1.0 + tol)
     support = keep.float()  # masking by a product: several times faster on a CPU than by a bool mask
-    if residual_tol is not None:
+    if not exact:
         scale = (b * support).norm(dim=1)
-    h_hat, scale32 = _jacobi_scaled(h_damped)
-    # a loose solve's residuals need far less than float32's precision: float32 products, half the cost
-    h32 = None if residual_tol is None else h_damped.float()
+    h_hat, scale32, h_low, h32 = _operators(h_damped, work)
+    use_f64 = False  # residual products in float64 (exact solves, once a row may be near its target)
 
-    def times_h(rows_x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if h32 is None:
-            return torch.matmul(rows_x, h_damped, out=out)
-        if out is None:
-            return (rows_x.float() @ h32).double()
-        x32 = _scratch(work, "x32", rows_x, torch.float32).copy_(rows_x)
-        return out.copy_(torch.matmul(x32, h32, out=_scratch(work, "xh32", rows_x, torch.float32)))
+    def times_h(index, out: torch.Tensor) -> None:
+        rows_x = x if index is None else x[index]
+        if use_f64:
+            product = torch.matmul(rows_x, h_damped, out=out if index is None else None)
+        else:
+            x32 = _scratch(work, "x32", rows_x, torch.float32).copy_(rows_x)
+            product = torch.matmul(x32, h32, out=_scratch(work, "xh32", rows_x, torch.float32))
+        if index is None:
+            if product is not out:
+                out.copy_(product)
+        else:
+            out[index] = product.to(out.dtype)
 
     xh = torch.empty_like(x)
-    active = slice(None)  # every row (no copies), then the index of the rows not yet converged
+    low = None if h_low is None else torch.ones(rows, dtype=torch.bool, device=w.device)  # rows in bf16
+    direct = torch.zeros(rows, dtype=torch.bool, device=w.device)  # rows left to the direct solve
+    last_norm = torch.full((rows,), float("inf"), dtype=torch.float64, device=w.device)
+    was_low = None
+    index = None  # every row (no copies), then the index of the rows still iterating
     for round_ in range(REFINEMENTS + 1):
-        if isinstance(active, slice):
-            times_h(x, out=xh)
-            r = torch.sub(b, xh, out=_scratch(work, "r", b)).mul_(support)
-        else:
-            xh[active] = times_h(x[active])
-            r = torch.sub(b[active], xh[active]).mul_(support[active])
-        if residual_tol is None:
-            target = factor * x[active].norm(dim=1)
-        else:
-            target = residual_tol * scale[active]
-        norm = r.norm(dim=1)
+        while True:
+            times_h(index, xh)
+            if index is None:
+                r = torch.sub(b, xh, out=_scratch(work, "r", b)).mul_(support)
+            else:
+                r = torch.sub(b[index], xh[index]).mul_(support[index])
+            target = factor * (x if index is None else x[index]).norm(dim=1) if exact else (
+                residual_tol * (scale if index is None else scale[index]))
+            norm = r.norm(dim=1)
+            # float32 residuals cannot confirm (or aim at) an exact target: near it, recompute in float64
+            if exact and not use_f64 and bool((norm <= FAR_FROM_TARGET * target).any()):
+                use_f64 = True
+                continue
+            break
         unconverged = ~(norm <= target)  # a non-finite row is not converged
+        if exact and not use_f64:
+            unconverged.fill_(True)
+        previous = last_norm if index is None else last_norm[index]
+        if was_low is not None:
+            # rows that did not progress: from bfloat16 to float32, from float32 to the direct solve
+            stalled = unconverged & ~was_low & (norm > 0.1 * previous)
+            if low is not None:
+                demoted = unconverged & was_low & (norm > 0.1 * previous)
+                low[_rows(index, rows, w.device)[demoted]] = False
+            if bool(stalled.any()):
+                direct[_rows(index, rows, w.device)[stalled]] = True
+                unconverged &= ~stalled
         if not bool(unconverged.any()):
-            return (x, xh) if return_product else x
+            break
+        if index is None:
+            last_norm.copy_(norm)
+        else:
+            last_norm[index] = norm
         if not bool(unconverged.all()):
-            active = _rows(active, w.shape[0], w.device)[unconverged]
+            index = _rows(index, rows, w.device)[unconverged]
             r, norm, target = r[unconverged], norm[unconverged], target[unconverged]
         if round_ == REFINEMENTS:
+            direct[_rows(index, rows, w.device)] = True
             break
-        # float32 reaches ~1e-6 relative; ask each row for what it still needs, within that
-        inner = (target / norm).clamp(min=INNER_TOL).float()
+        # ask each row for what it still needs, within what the inner product's precision reaches
+        wanted = (target / norm).float()
+        inner = wanted.clamp(min=INNER_TOL)
+        was_low = None if low is None else (low if index is None else low[index])
+        if was_low is not None and not bool(was_low.any()):
+            was_low = None
         r32 = _scratch(work, "r32", r, torch.float32).copy_(r).mul_(scale32)
-        correction = _pcg32(r32, support[active], h_hat, inner, max_iter, work).mul_(scale32)
-        if isinstance(active, slice):
+        sup = support if index is None else support[index]
+        if was_low is None:
+            correction = _pcg32(r32, sup, h_hat, inner, max_iter, work)
+        elif bool(was_low.all()):
+            inner = wanted.clamp(min=LOW_TOL)
+            correction = _pcg32(r32, sup, h_low, inner, max_iter, work)
+        else:
+            correction = torch.empty_like(r32)
+            for part, matrix, floor_tol in ((was_low, h_low, LOW_TOL), (~was_low, h_hat, INNER_TOL)):
+                correction[part] = _pcg32(r32[part], sup[part], matrix, wanted[part].clamp(min=floor_tol),
+                                          max_iter, work)
+                inner[part] = wanted[part].clamp(min=floor_tol)
+        if was_low is None:
+            was_low = torch.zeros(r.shape[0], dtype=torch.bool, device=w.device)
+        correction.mul_(scale32)
+        if index is None:
             x.add_(correction)
         else:
-            x[active] += correction.double()
-    x[active] = _direct_solve(w[active], mask[active], h_damped, hinv)  # rows CG did not bring to tol
-    xh[active] = x[active] @ h_damped
+            x[index] += correction.double()
+        # float64 products from the round whose inner solves may bring a row near its target
+        if exact and not use_f64 and bool(((norm / target) * inner.double() <= FAR_FROM_TARGET).any()):
+            use_f64 = True
+    todo = direct.nonzero().flatten()
+    if todo.numel():
+        x[todo] = _direct_solve(w[todo], mask[todo], h_damped, hinv)  # rows CG did not bring to tol
+        xh[todo] = x[todo] @ h_damped if exact or h32 is None else (x[todo].float() @ h32).double()
     return (x, xh) if return_product else x
+
+
+def _operators(h_damped: torch.Tensor, work: Optional[dict]):
+    """(Jacobi-scaled float32 H, its float32 row scale, the scaled H in the low precision or None, H in
+    float32), cached in ``work`` for the solves of one ``prune_linear`` call (which drops it)."""
+    key = "operators"
+    if work is not None and key in work and work[key][0] is h_damped:
+        return work[key][1]
+    h_hat, scale32 = _jacobi_scaled(h_damped)
+    auto_small = LOW_PRECISION == "auto" and h_damped.shape[0] < LOW_MIN_FEATURES
+    dtype = None if auto_small else _low_dtype(h_damped.device)
+    ops = (h_hat, scale32, None if dtype is None else h_hat.to(dtype), h_damped.float())
+    if work is not None:
+        work[key] = (h_damped, ops)
+    return ops
+
+
+_LOW_FAST: dict = {}
+
+
+def _low_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype of the inner solves' products on ``device`` (``LOW_PRECISION``), or None for float32."""
+    if LOW_PRECISION is None or isinstance(LOW_PRECISION, torch.dtype):
+        return LOW_PRECISION
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else None
+    if device.type != "cpu":
+        return None
+    key = torch.get_num_threads()
+    if key not in _LOW_FAST:
+        _LOW_FAST[key] = _bfloat16_is_faster()
+    return torch.bfloat16 if _LOW_FAST[key] else None
+
+
+def _bfloat16_is_faster() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices clearly faster than float32 ones (native bfloat16
+    instructions make it about 2x faster; without them it can be 50x slower)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(512, 512, generator=gen)
+    p = torch.randn(256, 512, generator=gen)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        aa, pp = a.to(dtype), p.to(dtype)
+        torch.matmul(pp, aa)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.matmul(pp, aa)
+            times.append(time.perf_counter() - t0)
+            if dtype is torch.bfloat16 and times[-1] > 4 * best[torch.float32]:
+                break  # slow: emulated
+        best[dtype] = min(times)
+    return best[torch.bfloat16] < 0.75 * best[torch.float32]
 
 
 def _eig_floor(h_damped: torch.Tensor, hinv: torch.Tensor, guess: Optional[float] = None) -> float:
@@ -426,8 +549,9 @@ def _scratch(work: Optional[dict], name: str, like: torch.Tensor, dtype=None) ->
     return buffer
 
 
-def _rows(active, rows: int, device) -> torch.Tensor:
-    return torch.arange(rows, device=device) if isinstance(active, slice) else active
+def _rows(index: Optional[torch.Tensor], rows: int, device) -> torch.Tensor:
+    """The row indices ``index`` stands for (None: all ``rows``)."""
+    return torch.arange(rows, device=device) if index is None else index
 
 
 def _pcg32(b, support, a_hat, rel_tol, max_iter, work: Optional[dict] = None):
@@ -435,7 +559,9 @@ def _pcg32(b, support, a_hat, rel_tol, max_iter, work: Optional[dict] = None):
     support K (``support``: 1.0 on it, 0.0 off it, float32), until each row's residual norm is below
     ``rel_tol`` times its right-hand side's, or ``max_iter``. ``a_hat`` is the Jacobi-scaled operator
     ``D^-1/2 A D^-1/2`` (unit diagonal) shared by all rows, so this is Jacobi-preconditioned CG in scaled
-    variables: the caller scales ``b`` by ``D^-1/2`` going in and ``y`` going out. ``b`` must be zero
+    variables: the caller scales ``b`` by ``D^-1/2`` going in and ``y`` going out. A bfloat16 ``a_hat``
+    is applied in bfloat16 (the vectors stay float32; the rounding limits the attainable relative
+    residual to about 1e-2, which the caller's refinement accounts for). ``b`` must be zero
     off the support and is overwritten (it becomes the residual); ``y`` may be a buffer of ``work``
     (``_scratch``), valid until the next call with the same ``work``.
 
@@ -445,6 +571,9 @@ def _pcg32(b, support, a_hat, rel_tol, max_iter, work: Optional[dict] = None):
     r = b  # overwritten: callers pass a temporary
     p = _scratch(work, "cg_p", b).copy_(r)
     hp, tmp = _scratch(work, "cg_hp", b), _scratch(work, "cg_tmp", b)
+    low = a_hat.dtype != torch.float32
+    if low:
+        p_low, hp_low = _scratch(work, "cg_p_low", b, a_hat.dtype), _scratch(work, "cg_hp_low", b, a_hat.dtype)
 
     def dot(u, v):
         return torch.mul(u, v, out=tmp).sum(1)
@@ -454,7 +583,11 @@ def _pcg32(b, support, a_hat, rel_tol, max_iter, work: Optional[dict] = None):
     for _ in range(max_iter):
         if bool((rr <= target).all()):
             break
-        torch.matmul(p, a_hat, out=hp).mul_(support)  # keeps r, and so p, on the support
+        if low:
+            hp.copy_(torch.matmul(p_low.copy_(p), a_hat, out=hp_low))
+        else:
+            torch.matmul(p, a_hat, out=hp)
+        hp.mul_(support)  # keeps r, and so p, on the support
         curvature = dot(p, hp)
         # a row whose operator float32 sees as not positive definite (p A p <= 0, or not finite) stops
         # for good where it is (rr = 0 from then on); the caller's float64 check or direct solve takes over
@@ -639,6 +772,7 @@ def prune_linear(
     blocksize: int = 128,
     damp: float = 0.01,
     swap_rounds: int = 1,
+    workspace: Optional[dict] = None,
 ):
     """Prune one Linear weight given its calibration Hessian.
 
@@ -650,6 +784,9 @@ def prune_linear(
         blocksize: columns per lazy block (``sparsegpt``, ``mrp``).   damp: damping / mean diagonal.
         swap_rounds: ``mrp``: at most this many swap rounds after the exact solve (0 = none; each
             costs one more exact solve); they stop early once a round gains less than 1%.
+        workspace: ``mrp``: a dict in which to keep the solves' scratch buffers for later calls with the
+            same shapes (``prune`` passes one per run on a CPU, where fresh pages for big buffers cost
+            as much as the arithmetic; it holds a few (out, in) arrays until dropped). Not thread-safe.
     Returns:
         (new_weight in weight's dtype, mask (out, in) bool True where removed, SolveStats)
     """
@@ -686,7 +823,8 @@ def prune_linear(
             # H = hessian + damping >= 0.9 x the smallest diagonal shift if hessian is PSD (verified)
             floor = _eig_floor(h, hinv, 0.9 * float((torch.diag(h) - torch.diag(hessian).double()).min()))
             # swap rounds compare masks through looser solves; the final mask is solved exactly
-            work = {}  # scratch buffers shared by the solves below
+            # scratch buffers shared by the solves below (and, through ``workspace``, by later calls)
+            work = {} if workspace is None else workspace.setdefault((tuple(w.shape), str(w.device)), {})
             new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
                                      residual_tol=SWAP_TOL if swap_rounds else None, eig_floor=floor, work=work)
             losses = _row_losses(w, new, wh, new_h, work)
@@ -712,6 +850,7 @@ def prune_linear(
                                                          wh=wh[rest], return_product=True, eig_floor=floor,
                                                          work=work)
                     losses[rest] = _row_losses(w[rest], new[rest], wh[rest], new_h[rest])
+            work.pop("operators", None)  # specific to this Hessian
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
     if method == "mrp":
         stats.relative_error = _relative_error_from_losses(w, new, losses.sum(), wh, h, hessian)
