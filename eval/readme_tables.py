@@ -89,7 +89,9 @@ def _timing_table(layer) -> str:
     return (f"Time on random layers of the {' and '.join(shapes)} shape (median of {layer['repeats']} rounds that "
             "run every method once, in a fresh process; ratios: median of the per-round ratios; each time is "
             "the whole `prune_linear` call, the reported error included; sparsegpt sweeps in float32 as its "
-            "reference implementation, mrp sweeps in float32 and solves exactly with float64 residuals):\n\n"
+            "reference implementation; mrp sweeps in float32 and solves exactly — conjugate gradients with "
+            "bfloat16 products where the CPU has native bfloat16, refined with float32 then float64 "
+            "residuals — keeping its scratch buffers from call to call as `prune` does across layers):\n\n"
             + "\n".join(timing) + "\n\n" + _env(layer))
 
 
