@@ -79,15 +79,16 @@ FAR_FROM_TARGET = 300.0
 # float32's), None (float32 everywhere) or a dtype. Their rounding (~4e-3) limits one inner solve to
 # about LOW_TOL relative residual; the float32/float64 residuals of the outer refinement still decide
 # every stopping test, so the guarantee is the same. A row whose low-precision round fails to cut its
-# residual 10x continues in float32; a row whose float32 round fails to goes to the direct solve.
+# residual 10x (2x where it asked for less than 100x) continues in float32; a row whose float32 round
+# fails to goes to the direct solve.
 LOW_PRECISION = "auto"
 LOW_TOL = 1e-2
 # "auto" keeps float32 below this many input features: there the products are too small to gain.
 LOW_MIN_FEATURES = 512
 # Swap rounds stop once a round lowers the layer's (damped) error by less than this fraction.
 SWAP_MIN_GAIN = 0.01
-# Swap rounds solve the current masks, and every round's candidates but the last's, to this float64
-# relative residual (a row's loss is off by a second-order amount in it); the last round's candidates
+# Swap rounds solve the current masks, and every round's candidates but the last's, to this relative
+# residual (by float32 products) (a row's loss is off by a second-order amount in it); the last round's candidates
 # and the rows left with a loose solution are solved to the exact solve's tolerance.
 SWAP_TOL = 1e-2
 
@@ -393,6 +394,7 @@ def exact_solve(
     low = None if h_low is None else torch.ones(rows, dtype=torch.bool, device=w.device)  # rows in bf16
     direct = torch.zeros(rows, dtype=torch.bool, device=w.device)  # rows left to the direct solve
     last_norm = torch.full((rows,), float("inf"), dtype=torch.float64, device=w.device)
+    asked = torch.ones(rows, dtype=torch.float64, device=w.device)  # each row's last inner tolerance
     was_low = None
     index = None  # every row (no copies), then the index of the rows still iterating
     for round_ in range(REFINEMENTS + 1):
@@ -413,13 +415,15 @@ def exact_solve(
         unconverged = ~(norm <= target)  # a non-finite row is not converged
         if exact and not use_f64:
             unconverged.fill_(True)
-        previous = last_norm if index is None else last_norm[index]
         if was_low is not None:
-            # rows that did not progress: from bfloat16 to float32, from float32 to the direct solve
-            stalled = unconverged & ~was_low & (norm > 0.1 * previous)
+            # rows that did not progress (cut their residual less than 10x, or less than 2x when they
+            # asked for less than 100x): from bfloat16 to float32, from float32 to the direct solve
+            previous = last_norm if index is None else last_norm[index]
+            needed = (10 * (asked if index is None else asked[index])).clamp(0.1, 0.5)
+            poor = unconverged & (norm > needed * previous)
+            stalled = poor & ~was_low
             if low is not None:
-                demoted = unconverged & was_low & (norm > 0.1 * previous)
-                low[_rows(index, rows, w.device)[demoted]] = False
+                low[_rows(index, rows, w.device)[poor & was_low]] = False
             if bool(stalled.any()):
                 direct[_rows(index, rows, w.device)[stalled]] = True
                 unconverged &= ~stalled
@@ -456,6 +460,10 @@ def exact_solve(
                 inner[part] = wanted[part].clamp(min=floor_tol)
         if was_low is None:
             was_low = torch.zeros(r.shape[0], dtype=torch.bool, device=w.device)
+        if index is None:
+            asked.copy_(inner)
+        else:
+            asked[index] = inner.double()
         correction.mul_(scale32)
         if index is None:
             x.add_(correction)
@@ -467,7 +475,7 @@ def exact_solve(
     todo = direct.nonzero().flatten()
     if todo.numel():
         x[todo] = _direct_solve(w[todo], mask[todo], h_damped, hinv)  # rows CG did not bring to tol
-        xh[todo] = x[todo] @ h_damped if exact or h32 is None else (x[todo].float() @ h32).double()
+        xh[todo] = x[todo] @ h_damped if exact else (x[todo].float() @ h32).double()
     return (x, xh) if return_product else x
 
 
