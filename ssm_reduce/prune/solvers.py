@@ -66,7 +66,7 @@ SWEEP_TOL = 1e-3
 SWEEP_MAX_ITER = 32
 # Exact solve: the guaranteed relative error of every row's kept weights (a row's loss then exceeds its
 # optimum by at most lambda_max(H) (WEIGHT_TOL |w*|)^2; half-precision weights round far coarser),
-# float64 refinement rounds, and the float32 inner solve's floor on relative tolerance.
+# its refinement rounds, and the float32 inner solve's floor on relative tolerance.
 WEIGHT_TOL = 5e-5
 REFINEMENTS = 6
 INNER_TOL = 1e-6
@@ -88,8 +88,8 @@ LOW_MIN_FEATURES = 512
 # Swap rounds stop once a round lowers the layer's (damped) error by less than this fraction.
 SWAP_MIN_GAIN = 0.01
 # Swap rounds solve the current masks, and every round's candidates but the last's, to this relative
-# residual (by float32 products) (a row's loss is off by a second-order amount in it); the last round's candidates
-# and the rows left with a loose solution are solved to the exact solve's tolerance.
+# residual, by float32 products (a row's loss is off by a second-order amount in it); the last round's
+# candidates and the rows left with a loose solution are solved to the exact solve's tolerance.
 SWAP_TOL = 1e-2
 
 
