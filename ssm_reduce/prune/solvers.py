@@ -391,11 +391,11 @@ def exact_solve(
             out[index] = product.to(out.dtype)
 
     xh = torch.empty_like(x)
-    low = None if h_low is None else torch.ones(rows, dtype=torch.bool, device=w.device)  # rows in bf16
     direct = torch.zeros(rows, dtype=torch.bool, device=w.device)  # rows left to the direct solve
-    last_norm = torch.full((rows,), float("inf"), dtype=torch.float64, device=w.device)
-    asked = torch.ones(rows, dtype=torch.float64, device=w.device)  # each row's last inner tolerance
-    was_low = None
+    # per row still iterating (aligned with ``index``): inner products in bfloat16, and the residual
+    # norm and inner tolerance of the last round
+    low = torch.full((rows,), h_low is not None, dtype=torch.bool, device=w.device)
+    previous = asked = None
     index = None  # every row (no copies), then the index of the rows still iterating
     for round_ in range(REFINEMENTS + 1):
         while True:
@@ -415,62 +415,46 @@ def exact_solve(
         unconverged = ~(norm <= target)  # a non-finite row is not converged
         if exact and not use_f64:
             unconverged.fill_(True)
-        if was_low is not None:
+        if previous is not None:
             # rows that did not progress (cut their residual less than 10x, or less than 2x when they
             # asked for less than 100x): from bfloat16 to float32, from float32 to the direct solve
-            previous = last_norm if index is None else last_norm[index]
-            needed = (10 * (asked if index is None else asked[index])).clamp(0.1, 0.5)
-            poor = unconverged & (norm > needed * previous)
-            stalled = poor & ~was_low
-            if low is not None:
-                low[_rows(index, rows, w.device)[poor & was_low]] = False
+            poor = unconverged & (norm > (10 * asked).clamp(0.1, 0.5) * previous)
+            stalled = poor & ~low
+            low &= ~poor
             if bool(stalled.any()):
                 direct[_rows(index, rows, w.device)[stalled]] = True
                 unconverged &= ~stalled
         if not bool(unconverged.any()):
             break
-        if index is None:
-            last_norm.copy_(norm)
-        else:
-            last_norm[index] = norm
         if not bool(unconverged.all()):
             index = _rows(index, rows, w.device)[unconverged]
-            r, norm, target = r[unconverged], norm[unconverged], target[unconverged]
+            r, norm, target, low = r[unconverged], norm[unconverged], target[unconverged], low[unconverged]
         if round_ == REFINEMENTS:
             direct[_rows(index, rows, w.device)] = True
             break
-        # ask each row for what it still needs, within what the inner product's precision reaches
-        wanted = (target / norm).float()
-        inner = wanted.clamp(min=INNER_TOL)
-        was_low = None if low is None else (low if index is None else low[index])
-        if was_low is not None and not bool(was_low.any()):
-            was_low = None
+        # ask each row for what it still needs, within what its inner products' precision reaches
+        previous = norm
+        asked = torch.maximum(target / norm, torch.where(low, LOW_TOL, INNER_TOL).double())
+        asked32 = asked.float()
         r32 = _scratch(work, "r32", r, torch.float32).copy_(r).mul_(scale32)
         sup = support if index is None else support[index]
-        if was_low is None:
-            correction = _pcg32(r32, sup, h_hat, inner, max_iter, work)
-        elif bool(was_low.all()):
-            inner = wanted.clamp(min=LOW_TOL)
-            correction = _pcg32(r32, sup, h_low, inner, max_iter, work)
-        else:
-            correction = torch.empty_like(r32)
-            for part, matrix, floor_tol in ((was_low, h_low, LOW_TOL), (~was_low, h_hat, INNER_TOL)):
-                correction[part] = _pcg32(r32[part], sup[part], matrix, wanted[part].clamp(min=floor_tol),
-                                          max_iter, work)
-                inner[part] = wanted[part].clamp(min=floor_tol)
-        if was_low is None:
-            was_low = torch.zeros(r.shape[0], dtype=torch.bool, device=w.device)
-        if index is None:
-            asked.copy_(inner)
-        else:
-            asked[index] = inner.double()
+        correction = None
+        for part, matrix in ((low, h_low), (~low, h_hat)):
+            if not bool(part.any()):
+                continue
+            if bool(part.all()):
+                correction = _pcg32(r32, sup, matrix, asked32, max_iter, work)
+                break
+            if correction is None:
+                correction = torch.empty_like(r32)
+            correction[part] = _pcg32(r32[part], sup[part], matrix, asked32[part], max_iter, work)
         correction.mul_(scale32)
         if index is None:
             x.add_(correction)
         else:
             x[index] += correction.double()
         # float64 products from the round whose inner solves may bring a row near its target
-        if exact and not use_f64 and bool(((norm / target) * inner.double() <= FAR_FROM_TARGET).any()):
+        if exact and not use_f64 and bool(((norm / target) * asked <= FAR_FROM_TARGET).any()):
             use_f64 = True
     todo = direct.nonzero().flatten()
     if todo.numel():
@@ -513,7 +497,7 @@ def _low_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 def _bfloat16_is_faster() -> bool:
     """Whether this CPU multiplies bfloat16 matrices clearly faster than float32 ones (native bfloat16
-    instructions make it about 2x faster; without them it can be 50x slower)."""
+    instructions make it about 2x faster; without them a low-precision product can be far slower)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(512, 512, generator=gen)
     p = torch.randn(256, 512, generator=gen)
