@@ -31,6 +31,28 @@ def inner(request, monkeypatch):
     return request.param
 
 
+# the exact solve's variables: kept weights (H_KK) or removed ones ((H^-1)_PP); "auto" picks per layer
+SPACES = ["kept", "removed"]
+
+
+@pytest.fixture(params=SPACES)
+def space(request, monkeypatch):
+    from ssm_reduce.prune import solvers
+
+    monkeypatch.setattr(solvers, "SOLVE_SPACE", request.param)
+    return request.param
+
+
+def power_law_problem(out=32, inp=96, tokens=384, alpha=1.0, seed=0):
+    """Inputs with a power-law spectrum and spread channel scales (strongly correlated features, as in
+    real models): the kept blocks of H are far worse conditioned than the removed blocks of H^-1."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(inp, inp, generator=gen))
+    x = (torch.randn(tokens, inp, generator=gen) * torch.arange(1, inp + 1) ** -alpha) @ q.T
+    x = x * torch.exp(torch.randn(inp, generator=gen))
+    return torch.randn(out, inp, generator=gen), 2 * x.T @ x / tokens
+
+
 def spy_inner_solves(monkeypatch):
     """Record (operator dtype, rows) of every inner conjugate-gradient solve."""
     from ssm_reduce.prune import solvers
@@ -84,7 +106,7 @@ def test_error_statistic_equals_the_direct_formula_with_dead_inputs(variant, tar
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(sparsity=0.8), dict(sparsity=0.25), dict(pattern="2:4")],
                          ids=lambda t: str(list(t.values())[0]))
 @pytest.mark.parametrize("swap_rounds", [0, 1, 3])
-def test_mrp_kept_weights_are_the_least_squares_optimum(target, swap_rounds, inner):
+def test_mrp_kept_weights_are_the_least_squares_optimum(target, swap_rounds, inner, space):
     """Whatever path a row took (no swap, a swap refused, a swap taken in the last or an earlier round),
     its kept weights end at the exact optimum for its final mask."""
     w, h = correlated_problem(out=40, inp=48)
@@ -109,7 +131,7 @@ def _independent_solve(w, mask, damped):
 
 
 @pytest.mark.parametrize("max_iter", [None, 1], ids=["refined-cg", "direct-fallback"])
-def test_exact_solve_mixed_precision_reaches_float64_accuracy(max_iter, inner):
+def test_exact_solve_mixed_precision_reaches_float64_accuracy(max_iter, inner, space):
     """bfloat16 or float32 inner CG + float64 refinement (or the direct fallback when CG is cut short)
     match a float64 solve far below float32 resolution, on a badly conditioned Hessian."""
     from ssm_reduce.prune.solvers import WEIGHT_TOL, exact_solve
@@ -193,7 +215,7 @@ def test_workspace_reuse_changes_nothing():
     assert "operators" not in space[(tuple(first_w.shape), "cpu")]  # nothing tied to one Hessian is kept
 
 
-def test_exact_solve_tolerance_is_what_it_promises():
+def test_exact_solve_tolerance_is_what_it_promises(space):
     """A looser ``tol`` stops earlier, yet every row stays within it of an independent float64 solve."""
     from ssm_reduce.prune.solvers import exact_solve
 
@@ -208,6 +230,72 @@ def test_exact_solve_tolerance_is_what_it_promises():
         rel = (got - want).norm(dim=1) / want.norm(dim=1)
         assert float(rel.max()) <= tol
     assert float(rel.max()) > 0  # the tightest still ran the iterative path, not a copy of the reference
+
+
+@pytest.mark.parametrize("precision", INNER, ids=["bf16-inner", "f32-inner"])
+def test_auto_space_solves_ill_conditioned_kept_blocks_in_the_removed_weights(precision, monkeypatch):
+    """On strongly correlated inputs, "auto" iterates in the removed weights (whose Jacobi-scaled block of
+    H^-1 is far better conditioned, checked here by eigenvalues), reaches WEIGHT_TOL there without the
+    direct solve, and keeps the kept weights' iteration on well-spread inputs."""
+    from ssm_reduce.prune import solvers
+
+    monkeypatch.setattr(solvers, "LOW_PRECISION", precision)
+
+    def kappa(a):
+        d = torch.diag(a).rsqrt()
+        e = torch.linalg.eigvalsh(a * d[:, None] * d[None, :])
+        return float(e[-1] / e[0])
+
+    direct, real_direct = [], solvers._direct_solve
+    monkeypatch.setattr(solvers, "_direct_solve", lambda w, *a: direct.append(w.shape[0]) or real_direct(w, *a))
+    w, h = power_law_problem()
+    damped = solvers._damped(h, 0.01)
+    hinv = torch.linalg.inv(damped)
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(3)).argsort(1) < 48
+    kept, removed = (~mask[0]).nonzero().flatten(), mask[0].nonzero().flatten()
+    assert kappa(damped[kept][:, kept]) > 20 * kappa(hinv[removed][:, removed])
+    assert solvers._solve_space(solvers._jacobi_scaled(damped)[0], hinv, mask, None) == "removed"
+    got = solvers.exact_solve(w, mask, damped, hinv)
+    want = _independent_solve(w, mask, damped)
+    assert float(((got - want).norm(dim=1) / want.norm(dim=1)).max()) <= solvers.WEIGHT_TOL
+    assert torch.equal(got[mask], torch.zeros(int(mask.sum()), dtype=torch.float64))
+    # conjugate gradients brought (nearly) every row there; iterating in the kept weights, with the same
+    # iteration caps (in_features / 16 per round), they cannot, and the rows go to the direct solve
+    removed_direct, direct[:] = sum(direct), []
+    monkeypatch.setattr(solvers, "SOLVE_SPACE", "kept")
+    solvers.exact_solve(w, mask, damped, hinv)
+    assert removed_direct <= w.shape[0] // 4 and sum(direct) >= w.shape[0] - removed_direct
+    monkeypatch.setattr(solvers, "SOLVE_SPACE", "auto")
+    # with the product it returns (the float64 one of its final check)
+    got2, got_h = solvers.exact_solve(w, mask, damped, hinv, return_product=True)
+    assert torch.allclose(got_h, got2 @ damped, rtol=0, atol=1e-9 * float((got2 @ damped).abs().max()))
+    # loose solves (swap rounds): the relative residual asked for, and x H to float32 accuracy
+    loose, loose_h = solvers.exact_solve(w, mask, damped, hinv, residual_tol=1e-2, return_product=True)
+    b = w.double() @ damped
+    residual = ((b - loose @ damped) * ~mask).norm(dim=1) / (b * ~mask).norm(dim=1)
+    assert float(residual.max()) <= 1e-2 * 1.01
+    assert torch.allclose(loose_h, loose @ damped, rtol=0, atol=1e-4 * float((loose @ damped).abs().max()))
+    # well-spread inputs: both blocks alike, the kept weights' iteration (one product fewer per round)
+    w2, h2 = correlated_problem()
+    damped2 = solvers._damped(h2, 0.01)
+    assert solvers._solve_space(solvers._jacobi_scaled(damped2)[0], torch.linalg.inv(damped2),
+                                torch.rand(w2.shape).argsort(1) < 32, None) == "kept"
+
+
+def test_mrp_on_ill_conditioned_inputs_matches_either_space(monkeypatch):
+    """End to end on strongly correlated inputs, "auto" (removed weights) and forced "kept" iteration give
+    the same masks' optimum: the same error to 1e-6 when the masks agree."""
+    from ssm_reduce.prune import solvers
+
+    w, h = power_law_problem(out=48)
+    results = {}
+    for choice in ("auto", "kept"):
+        monkeypatch.setattr(solvers, "SOLVE_SPACE", choice)
+        results[choice] = prune_linear(w, h, method="mrp", sparsity=0.5, swap_rounds=0)
+    (a, mask_a, stats_a), (b, mask_b, stats_b) = results["auto"], results["kept"]
+    assert torch.equal(mask_a, mask_b)  # no swap rounds: the sweep's mask
+    assert stats_a.relative_error == pytest.approx(stats_b.relative_error, rel=1e-6)
+    assert float((a - b).norm() / b.norm()) < 2 * solvers.WEIGHT_TOL
 
 
 def test_eig_floor_is_a_verified_lower_bound():

@@ -24,7 +24,10 @@ Methods (all give exactly the same number of removed weights in every row, or va
      with the damped Hessian (``H_KK w'_K = (w H)_K``), solved for all rows at once from the sweep's
      weights by iterative refinement — float32 residuals while far from the target and float64 ones
      near it, Jacobi-preconditioned conjugate gradients for the corrections, their products in
-     bfloat16 where that is fast (``LOW_PRECISION``; float32 for rows it cannot move) — until every
+     bfloat16 where that is fast (``LOW_PRECISION``; float32 for rows it cannot move), iterating in the
+     kept weights (``H_KK``) or, where a Lanczos estimate finds that far better conditioned, in the
+     removed ones (``(H^-1)_PP``; strongly correlated inputs make ``H_KK`` thousands of times worse
+     conditioned) — until every
      row's kept weights are provably within a relative 5e-5
      (``WEIGHT_TOL``) of the exact optimum: ``|w' - w*| <= |residual| / lambda_min(H)``, with a floor on
      lambda_min verified from the damping by a shifted Cholesky factorisation (direct batched
@@ -85,6 +88,9 @@ LOW_PRECISION = "auto"
 LOW_TOL = 1e-2
 # "auto" keeps float32 below this many input features: there the products are too small to gain.
 LOW_MIN_FEATURES = 512
+# The variables the exact solve iterates in: "kept" (H_KK), "removed" ((H^-1)_PP) or "auto" (per layer,
+# whichever is much better conditioned; ``_solve_space``).
+SOLVE_SPACE = "auto"
 # Swap rounds stop once a round lowers the layer's (damped) error by less than this fraction.
 SWAP_MIN_GAIN = 0.01
 # Swap rounds solve the current masks, and every round's candidates but the last's, to this relative
@@ -241,8 +247,7 @@ def _sparsegpt(w, upper, sparsity, nm, blocksize):
 
 def _gather_square(matrix: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``matrix[idx_n][:, idx_n]`` for every row n of ``idx`` (rows x r) -> (rows, r, r)."""
-    r = idx.shape[1]
-    return matrix[idx].gather(2, idx[:, None, :].expand(-1, r, r))
+    return matrix[idx[:, :, None], idx[:, None, :]]  # one pass: no (rows, r, in) intermediate
 
 
 def _remove_jointly(w1, u1, gram, remove_idx):
@@ -375,6 +380,9 @@ def exact_solve(
     if not exact:
         scale = (b * support).norm(dim=1)
     h_hat, scale32, h_low, h32 = _operators(h_damped, work)
+    if _solve_space(h_hat, hinv, mask, work) == "removed":
+        return _solve_removed(w, mask, h_damped, hinv, x, b, factor if exact else None,
+                              None if exact else residual_tol * scale, max_iter, return_product, work)
     use_f64 = False  # residual products in float64 (exact solves, once a row may be near its target)
 
     def times_h(index, out: torch.Tensor) -> None:
@@ -461,6 +469,177 @@ def exact_solve(
         x[todo] = _direct_solve(w[todo], mask[todo], h_damped, hinv)  # rows CG did not bring to tol
         xh[todo] = x[todo] @ h_damped if exact else (x[todo].float() @ h32).double()
     return (x, xh) if return_product else x
+
+
+def _solve_space(h_hat: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, work: Optional[dict]) -> str:
+    """Which variables ``exact_solve`` iterates in (``SOLVE_SPACE``): "kept" — conjugate gradients on
+    ``H_KK`` — or "removed" — on ``(H^-1)_PP`` (``_solve_removed``). Both are Jacobi-preconditioned; "auto"
+    estimates both condition numbers on a few rows' masks by Lanczos and takes "removed" where it is
+    under a quarter of "kept"'s (each of its rounds costs one more product). On well-spread inputs the two
+    are alike; where input features are strongly correlated, ``H_KK`` can be thousands of times worse
+    conditioned than ``(H^-1)_PP`` (the removed weights are the ones the kept ones explain). Decided once
+    per ``prune_linear`` call (cached in ``work``)."""
+    if SOLVE_SPACE != "auto":
+        return SOLVE_SPACE
+    key = "space"
+    if work is not None and key in work and work[key][0] is hinv:
+        return work[key][1]
+    rows = mask.shape[0]
+    removed = int(mask[0].sum()) if rows else 0
+    space = "kept"
+    if 0 < removed < mask.shape[1] and rows:
+        pick = torch.linspace(0, rows - 1, min(rows, 16), device=mask.device).long()
+        sample = mask[pick]
+        inv_hat, _, _, _ = _removed_operators(hinv, work)
+        kept_kappa = _kappa_estimate(h_hat, (~sample).float())
+        removed_kappa = _kappa_estimate(inv_hat, sample.float())
+        if kept_kappa > 4.0 * removed_kappa:
+            space = "removed"
+    if work is not None:
+        work[key] = (hinv, space)
+    return space
+
+
+def _kappa_estimate(a_hat: torch.Tensor, support: torch.Tensor, steps: int = 24) -> float:
+    """Median over rows of the condition number of ``A_KK`` (K: each row's ``support``) estimated from the
+    Ritz values of ``steps`` Lanczos steps (float32, no reorthogonalisation: the extreme Ritz values
+    are all a choice between two solvers needs)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(support.shape, generator=gen).to(support.device).mul_(support)
+    v /= v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    v_prev = torch.zeros_like(v)
+    beta_prev = torch.zeros(v.shape[0], device=v.device)
+    alphas, betas = [], []
+    for _ in range(min(steps, int(support.sum(1).min()))):
+        u = (v @ a_hat.float()).mul_(support)
+        alpha = (u * v).sum(1)
+        u -= alpha[:, None] * v + beta_prev[:, None] * v_prev
+        beta = u.norm(dim=1)
+        alphas.append(alpha)
+        betas.append(beta)
+        v_prev, v, beta_prev = v, u / beta[:, None].clamp_min(1e-30), beta
+    k = len(alphas)
+    if k == 0:
+        return 1.0
+    t = torch.diag_embed(torch.stack(alphas, 1).double())
+    off = torch.stack(betas[:-1], 1).double() if k > 1 else None
+    if off is not None:
+        t = t + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    ritz = torch.linalg.eigvalsh(t)
+    kappa = ritz[:, -1] / ritz[:, 0].clamp_min(1e-12 * ritz[:, -1].abs().max())
+    return float(kappa.median())
+
+
+def _removed_operators(hinv: torch.Tensor, work: Optional[dict]):
+    """``_operators`` for H^-1: (Jacobi-scaled float32 H^-1, its row scale, the scaled matrix in the
+    low precision or None, H^-1 in float32), cached in ``work``."""
+    key = "removed_operators"
+    if work is not None and key in work and work[key][0] is hinv:
+        return work[key][1]
+    inv_hat, scale32 = _jacobi_scaled(hinv)
+    auto_small = LOW_PRECISION == "auto" and hinv.shape[0] < LOW_MIN_FEATURES
+    dtype = None if auto_small else _low_dtype(hinv.device)
+    ops = (inv_hat, scale32, None if dtype is None else inv_hat.to(dtype), hinv.float())
+    if work is not None:
+        work[key] = (hinv, ops)
+    return ops
+
+
+def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter, return_product, work):
+    """``exact_solve`` in the removed weights' variables. The optimum is ``x* = w - z* H^-1`` with
+    ``(H^-1)_PP z*_P = w_P`` (z zero off P); for any z, ``x = w - z H^-1`` off P (zero on P) has the kept
+    residual ``r_K = (b - x H)_K = (s H)_K`` with ``s = w_P - (z H^-1)_P`` the removed residual (up to the
+    rounding of H^-1 H = I). While every row is far from its target, each round computes ``z H^-1`` and
+    the kept residual estimate ``(s H)_K`` by float32 products; from the round that may bring a row near
+    it, ``z H^-1`` and the true kept residual ``(b - x H)_K`` by float64 ones — exact rows stop only on
+    that, ``|r_K| <= factor |x|``: the same guarantee as ``exact_solve``'s. Loose rows (``loose_target``:
+    per-row residual norms) stop on the float32 estimate. The correction cuts s by Jacobi-preconditioned
+    conjugate gradients on ``(H^-1)_PP`` by what the kept residual still needs (bfloat16 products where
+    that is fast, as in ``exact_solve``). A row that stalls is solved directly."""
+    rows = w.shape[0]
+    exact = factor is not None
+    removed = mask.float()
+    support = 1.0 - removed
+    inv_hat, iscale32, inv_low, inv32 = _removed_operators(hinv, work)
+    h32 = _operators(h_damped, work)[3]
+    # start from x: z = (b - x H)_P (exact when x is the optimum)
+    z = (b - (x.float() @ h32).double()).mul_(removed)
+    out_x = torch.empty_like(x)
+    out_xh = torch.empty_like(x)
+    direct = torch.zeros(rows, dtype=torch.bool, device=w.device)
+    index = None  # every row (no copies), then the index of the rows still iterating
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if index is None else t[index]
+    low = torch.full((rows,), inv_low is not None, dtype=torch.bool, device=w.device)
+    previous = asked = None
+    use_f64 = False
+    for round_ in range(REFINEMENTS + 1):
+        while True:
+            zi, wi, bi, sup_k = pick(z), pick(w), pick(b), pick(support)
+            y = zi @ hinv if use_f64 else (zi.float() @ inv32).double()
+            xi = torch.sub(wi, y)
+            s = xi * (1.0 - sup_k)
+            xi.mul_(sup_k)
+            if use_f64:  # near the target: the true kept residual, in float64
+                xh = xi @ h_damped
+                norm = torch.sub(bi, xh).mul_(sup_k).norm(dim=1)
+            else:  # far from it: the kept residual is s H off P, and x H = b - z - s H
+                sh = (s.float() @ h32).double()
+                norm = (sh * sup_k).norm(dim=1)
+            target = factor * xi.norm(dim=1) if exact else pick(loose_target)
+            if exact and not use_f64 and bool((norm <= FAR_FROM_TARGET * target).any()):
+                use_f64 = True
+                continue
+            break
+        done = norm <= target
+        if exact and not use_f64:
+            done.fill_(False)
+        at = _rows(index, rows, w.device)
+        if bool(done.any()):
+            rows_done = at[done]
+            out_x[rows_done] = xi[done]
+            out_xh[rows_done] = xh[done] if use_f64 else (bi[done] - zi[done] - sh[done])
+        if previous is not None:
+            poor = ~done & (norm > (10 * asked).clamp(0.1, 0.5) * previous)
+            stalled = poor & ~low
+            low &= ~poor
+            if bool(stalled.any()):
+                direct[at[stalled]] = True
+                done |= stalled
+        left = ~done & ~(norm != norm)  # a non-finite row goes to the direct solve
+        direct[at[~done & ~left]] = True
+        if not bool(left.any()):
+            break
+        if not bool(left.all()):
+            index, s, norm, target, low = at[left], s[left], norm[left], target[left], low[left]
+        if round_ == REFINEMENTS:
+            direct[_rows(index, rows, w.device)] = True
+            break
+        previous = norm
+        asked = torch.maximum(target / norm, torch.where(low, LOW_TOL, INNER_TOL).double())
+        rhs = s.float().mul_(iscale32)
+        sup = 1.0 - pick(support)
+        correction = None
+        for part, matrix in ((low, inv_low), (~low, inv_hat)):
+            if not bool(part.any()):
+                continue
+            if bool(part.all()):
+                correction = _pcg32(rhs, sup, matrix, asked.float(), max_iter, work)
+                break
+            if correction is None:
+                correction = torch.empty_like(rhs)
+            correction[part] = _pcg32(rhs[part], sup[part], matrix, asked[part].float(), max_iter, work)
+        correction = correction.mul(iscale32).double()
+        if index is None:
+            z.add_(correction)
+        else:
+            z[index] += correction
+    todo = direct.nonzero().flatten()
+    if todo.numel():
+        out_x[todo] = _direct_solve(w[todo], mask[todo], h_damped, hinv)
+        out_xh[todo] = out_x[todo] @ h_damped if exact else (out_x[todo].float() @ h32).double()
+    return (out_x, out_xh) if return_product else out_x
 
 
 def _operators(h_damped: torch.Tensor, work: Optional[dict]):
@@ -842,7 +1021,8 @@ def prune_linear(
                                                          wh=wh[rest], return_product=True, eig_floor=floor,
                                                          work=work)
                     losses[rest] = _row_losses(w[rest], new[rest], wh[rest], new_h[rest])
-            work.pop("operators", None)  # specific to this Hessian
+            for key in ("operators", "removed_operators", "space"):  # specific to this Hessian
+                work.pop(key, None)
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
     if method == "mrp":
         stats.relative_error = _relative_error_from_losses(w, new, losses.sum(), wh, h, hessian)
