@@ -5,11 +5,12 @@
 * ``mrp-noswap``: mrp with ``swap_rounds=0`` (its cheaper setting), next to the default;
 * time (median of ``--repeats`` rounds, each running every method once; ratios are medians of the
   per-round ratios; in a fresh process, apart from the error pass): on random layers of public
-  checkpoint shapes (mamba2-130m; add mamba2-2.7b on a GPU), with correlated random inputs. On a CPU,
+  checkpoint shapes (mamba2-130m; add mamba2-2.7b on a GPU), with two kinds of random inputs
+  (``--time-inputs``: spread, correlated; ``random_layer``). On a CPU,
   mrp keeps its scratch buffers from call to call (``workspace``), as ``prune`` does from layer to
   layer of a model (whose blocks repeat the same shapes).
 
-    python eval/bench_prune.py                     # CPU
+    python eval/bench_prune.py --repeats 7         # CPU
     python eval/bench_prune.py --device cuda --time-shapes mamba2-130m mamba2-2.7b
 
 Writes eval/results/bench_prune_<device>.json and prints tables.
@@ -65,11 +66,20 @@ def embedded_hessians(layers, nsamples, seqlen):
     return {name: (linear.weight.data.clone(), hook.h) for name, (linear, hook) in hooks.items()}
 
 
-def random_layer(out, inp, tokens, device, seed=0):
+def random_layer(out, inp, tokens, device, seed=0, inputs="spread"):
+    """A random weight and the Hessian of random inputs: ``spread`` — a random mix plus noise (eigenvalues
+    within ~70x of each other after Jacobi scaling); ``correlated`` — a power-law spectrum (k-th singular
+    value 1/k) in a random basis and log-normal channel scales, the strongly correlated features of real
+    models' activations (the embedded model's first in_proj has a Jacobi-scaled condition number ~8000)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    mix = torch.randn(inp, inp, generator=gen) / inp**0.5
-    x = (torch.randn(tokens, inp, generator=gen) @ mix + 0.3 * torch.randn(tokens, inp, generator=gen))
-    x = x * torch.linspace(0.2, 3.0, inp)
+    if inputs == "correlated":
+        q, _ = torch.linalg.qr(torch.randn(inp, inp, generator=gen))
+        x = (torch.randn(tokens, inp, generator=gen) * torch.arange(1, inp + 1) ** -1.0) @ q.T
+        x = x * torch.exp(torch.randn(inp, generator=gen))
+    else:
+        mix = torch.randn(inp, inp, generator=gen) / inp**0.5
+        x = (torch.randn(tokens, inp, generator=gen) @ mix + 0.3 * torch.randn(tokens, inp, generator=gen))
+        x = x * torch.linspace(0.2, 3.0, inp)
     h = (2 * x.T @ x / tokens).to(device)
     return (torch.randn(out, inp, generator=gen) * 0.02).to(device), h
 
@@ -82,31 +92,32 @@ def layer_shapes(name):
     return {"in_proj": (2 * d_inner + 2 * n + d_inner // 64, d), "out_proj": (d, d_inner)}
 
 
-def time_methods(shapes, targets, repeats, device):
-    """Median seconds of every variant on random layers of the given checkpoint shapes (run in its own
-    process by ``main``)."""
+def time_methods(shapes, targets, repeats, device, inputs=("spread",)):
+    """Median seconds of every variant on random layers of the given checkpoint shapes and kinds of
+    inputs (``random_layer``; run in its own process by ``main``)."""
     harness.set_threads()
     timings = []
-    for shape in shapes:
-        for proj, (out, inp) in layer_shapes(shape).items():
-            w, h = random_layer(out, inp, 4 * inp, device)
-            for label in targets:
-                row = {"shape": shape, "layer": proj, "size": [out, inp], "target": label}
-                # round robin: every repeat runs each variant once, so drifts of a shared machine hit
-                # all of them alike; ratios are medians of the per-round ratios
-                runs = {variant: [] for variant in VARIANTS}
-                spaces = {variant: {} if kwargs["method"] == "mrp" and w.device.type == "cpu" else None
-                          for variant, kwargs in VARIANTS.items()}
-                for _ in range(repeats):
-                    for variant, kwargs in VARIANTS.items():
-                        extra = {} if spaces[variant] is None else {"workspace": spaces[variant]}
-                        runs[variant].append(prune_linear(w, h, **kwargs, **extra, **TARGETS[label])[2])
-                for variant, stats in runs.items():
-                    row[variant] = {"seconds": harness.median([r.seconds for r in stats]),
-                                    "relative_error": stats[0].relative_error}
-                for key, variant in (("mrp_time_over_sparsegpt", "mrp"), ("mrp_noswap_time_over_sparsegpt", "mrp-noswap")):
-                    row[key] = harness.median([a.seconds / b.seconds for a, b in zip(runs[variant], runs["sparsegpt"])])
-                timings.append(row)
+    for kind in inputs:
+        for shape in shapes:
+            for proj, (out, inp) in layer_shapes(shape).items():
+                w, h = random_layer(out, inp, 4 * inp, device, inputs=kind)
+                for label in targets:
+                    row = {"shape": shape, "layer": proj, "size": [out, inp], "target": label, "inputs": kind}
+                    # round robin: every repeat runs each variant once, so drifts of a shared machine hit
+                    # all of them alike; ratios are medians of the per-round ratios
+                    runs = {variant: [] for variant in VARIANTS}
+                    spaces = {variant: {} if kwargs["method"] == "mrp" and w.device.type == "cpu" else None
+                              for variant, kwargs in VARIANTS.items()}
+                    for _ in range(repeats):
+                        for variant, kwargs in VARIANTS.items():
+                            extra = {} if spaces[variant] is None else {"workspace": spaces[variant]}
+                            runs[variant].append(prune_linear(w, h, **kwargs, **extra, **TARGETS[label])[2])
+                    for variant, stats in runs.items():
+                        row[variant] = {"seconds": harness.median([r.seconds for r in stats]),
+                                        "relative_error": stats[0].relative_error}
+                    for key, variant in (("mrp_time_over_sparsegpt", "mrp"), ("mrp_noswap_time_over_sparsegpt", "mrp-noswap")):
+                        row[key] = harness.median([a.seconds / b.seconds for a, b in zip(runs[variant], runs["sparsegpt"])])
+                    timings.append(row)
     return timings
 
 
@@ -118,6 +129,8 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--time-shapes", nargs="*", default=["mamba2-130m"])
     p.add_argument("--time-targets", nargs="+", default=["50%", "2:4"], choices=list(TARGETS))
+    p.add_argument("--time-inputs", nargs="+", default=["spread", "correlated"], choices=["spread", "correlated"],
+                   help="kinds of random inputs for the timing layers (random_layer)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -140,9 +153,10 @@ def main(argv=None):
     # timing runs in a fresh process: the error pass above (a model, its activations, many solves) leaves
     # the allocator in a state that adds a noise of about 20% to the timings, unevenly across methods
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        timings = pool.submit(time_methods, args.time_shapes, args.time_targets, args.repeats, args.device).result()
+        timings = pool.submit(time_methods, args.time_shapes, args.time_targets, args.repeats, args.device,
+                              args.time_inputs).result()
     for row in timings:
-        print(f"time {row['shape']} {row['layer']} {row['size'][0]}x{row['size'][1]} {row['target']}: " + ", ".join(
+        print(f"time {row['shape']} {row['layer']} ({row['inputs']} inputs) {row['size'][0]}x{row['size'][1]} {row['target']}: " + ", ".join(
             f"{m} {row[m]['seconds']:.2f}s" for m in VARIANTS) + f" (mrp/sparsegpt {row['mrp_time_over_sparsegpt']:.1f}x,"
             f" without swaps {row['mrp_noswap_time_over_sparsegpt']:.1f}x)", flush=True)
 

@@ -82,7 +82,8 @@ def _timing_table(layer) -> str:
     timing = ["| layer | target | " + " | ".join(f"{m} s" for m in methods)
               + " | mrp / sparsegpt time | mrp (no swap) / sparsegpt |", "|---|---|" + "---|" * (len(methods) + 2)]
     for r in layer["timings"]:
-        timing.append(f"| {r['shape']} {r['layer']} {r['size'][0]}×{r['size'][1]} | {r['target']} | " + " | ".join(
+        kind = f" ({r['inputs']} inputs)" if "inputs" in r else ""
+        timing.append(f"| {r['shape']} {r['layer']} {r['size'][0]}×{r['size'][1]}{kind} | {r['target']} | " + " | ".join(
             f"{r[m]['seconds']:.2f}" for m in methods) + f" | {r['mrp_time_over_sparsegpt']:.1f}× |"
             f" {r['mrp_noswap_time_over_sparsegpt']:.1f}× |")
     shapes = sorted({r["shape"] for r in layer["timings"]})
@@ -91,7 +92,11 @@ def _timing_table(layer) -> str:
             "the whole `prune_linear` call, the reported error included; sparsegpt sweeps in float32 as its "
             "reference implementation; mrp sweeps in float32 and solves exactly — conjugate gradients with "
             "bfloat16 products where the CPU has native bfloat16, refined with float32 then float64 "
-            "residuals — keeping its scratch buffers from call to call as `prune` does across layers):\n\n"
+            "residuals — keeping its scratch buffers from call to call as `prune` does across layers"
+            + ("; spread inputs: a random mix plus noise, correlated ones: a power-law spectrum (k-th singular "
+               "value 1/k) with log-normal channel scales, like real activations, where mrp iterates in the removed "
+               "weights" if any(r.get("inputs") == "correlated" for r in layer["timings"]) else "")
+            + "):\n\n"
             + "\n".join(timing) + "\n\n" + _env(layer))
 
 

@@ -531,18 +531,8 @@ def _kappa_estimate(a_hat: torch.Tensor, support: torch.Tensor, steps: int = 24)
 
 
 def _removed_operators(hinv: torch.Tensor, work: Optional[dict]):
-    """``_operators`` for H^-1: (Jacobi-scaled float32 H^-1, its row scale, the scaled matrix in the
-    low precision or None, H^-1 in float32), cached in ``work``."""
-    key = "removed_operators"
-    if work is not None and key in work and work[key][0] is hinv:
-        return work[key][1]
-    inv_hat, scale32 = _jacobi_scaled(hinv)
-    auto_small = LOW_PRECISION == "auto" and hinv.shape[0] < LOW_MIN_FEATURES
-    dtype = None if auto_small else _low_dtype(hinv.device)
-    ops = (inv_hat, scale32, None if dtype is None else inv_hat.to(dtype), hinv.float())
-    if work is not None:
-        work[key] = (hinv, ops)
-    return ops
+    """``_operators`` for H^-1 (the removed-weights iteration's matrix), cached under its own key."""
+    return _operators(hinv, work, key="removed_operators")
 
 
 def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter, return_product, work):
@@ -642,10 +632,9 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
     return (out_x, out_xh) if return_product else out_x
 
 
-def _operators(h_damped: torch.Tensor, work: Optional[dict]):
+def _operators(h_damped: torch.Tensor, work: Optional[dict], key: str = "operators"):
     """(Jacobi-scaled float32 H, its float32 row scale, the scaled H in the low precision or None, H in
-    float32), cached in ``work`` for the solves of one ``prune_linear`` call (which drops it)."""
-    key = "operators"
+    float32), cached in ``work[key]`` for the solves of one ``prune_linear`` call (which drops it)."""
     if work is not None and key in work and work[key][0] is h_damped:
         return work[key][1]
     h_hat, scale32 = _jacobi_scaled(h_damped)
