@@ -446,16 +446,7 @@ def exact_solve(
         asked32 = asked.float()
         r32 = _scratch(work, "r32", r, torch.float32).copy_(r).mul_(scale32)
         sup = support if index is None else support[index]
-        correction = None
-        for part, matrix in ((low, h_low), (~low, h_hat)):
-            if not bool(part.any()):
-                continue
-            if bool(part.all()):
-                correction = _pcg32(r32, sup, matrix, asked32, max_iter, work)
-                break
-            if correction is None:
-                correction = torch.empty_like(r32)
-            correction[part] = _pcg32(r32[part], sup[part], matrix, asked32[part], max_iter, work)
+        correction = _pcg_by_precision(r32, sup, low, h_low, h_hat, asked32, max_iter, work)
         correction.mul_(scale32)
         if index is None:
             x.add_(correction)
@@ -610,16 +601,7 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
         asked = torch.maximum(target / norm, torch.where(low, LOW_TOL, INNER_TOL).double())
         rhs = s.float().mul_(iscale32)
         sup = 1.0 - pick(support)
-        correction = None
-        for part, matrix in ((low, inv_low), (~low, inv_hat)):
-            if not bool(part.any()):
-                continue
-            if bool(part.all()):
-                correction = _pcg32(rhs, sup, matrix, asked.float(), max_iter, work)
-                break
-            if correction is None:
-                correction = torch.empty_like(rhs)
-            correction[part] = _pcg32(rhs[part], sup[part], matrix, asked[part].float(), max_iter, work)
+        correction = _pcg_by_precision(rhs, sup, low, inv_low, inv_hat, asked.float(), max_iter, work)
         correction = correction.mul(iscale32).double()
         if index is None:
             z.add_(correction)
@@ -760,6 +742,21 @@ def _pcg32(b, support, a_hat, rel_tol, max_iter, work: Optional[dict] = None):
         torch.addcmul(r, p, beta, out=p)  # p = r + beta p, in one pass
         rr = rr_next
     return y
+
+
+def _pcg_by_precision(b, support, low, a_low, a_hat, rel_tol, max_iter, work):
+    """``_pcg32`` with the low-precision operator ``a_low`` for the rows where ``low`` is True and the
+    float32 ``a_hat`` for the others (no row copies when all rows share one)."""
+    correction = None
+    for part, matrix in ((low, a_low), (~low, a_hat)):
+        if not bool(part.any()):
+            continue
+        if bool(part.all()):
+            return _pcg32(b, support, matrix, rel_tol, max_iter, work)
+        if correction is None:
+            correction = torch.empty_like(b)
+        correction[part] = _pcg32(b[part], support[part], matrix, rel_tol[part], max_iter, work)
+    return correction
 
 
 def _jacobi_scaled(a: torch.Tensor):
