@@ -424,11 +424,7 @@ def exact_solve(
         if exact and not use_f64:
             unconverged.fill_(True)
         if previous is not None:
-            # rows that did not progress (cut their residual less than 10x, or less than 2x when they
-            # asked for less than 100x): from bfloat16 to float32, from float32 to the direct solve
-            poor = unconverged & (norm > (10 * asked).clamp(0.1, 0.5) * previous)
-            stalled = poor & ~low
-            low &= ~poor
+            stalled = _stalled(unconverged, norm, previous, asked, low)
             if bool(stalled.any()):
                 direct[_rows(index, rows, w.device)[stalled]] = True
                 unconverged &= ~stalled
@@ -557,10 +553,10 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
     use_f64 = False
     for round_ in range(REFINEMENTS + 1):
         while True:
-            zi, wi, bi, sup_k = pick(z), pick(w), pick(b), pick(support)
+            zi, wi, bi, sup_k, sup_p = pick(z), pick(w), pick(b), pick(support), pick(removed)
             y = zi @ hinv if use_f64 else (zi.float() @ inv32).double()
             xi = torch.sub(wi, y)
-            s = xi * (1.0 - sup_k)
+            s = xi * sup_p
             xi.mul_(sup_k)
             if use_f64:  # near the target: the true kept residual, in float64
                 xh = xi @ h_damped
@@ -582,9 +578,7 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
             out_x[rows_done] = xi[done]
             out_xh[rows_done] = xh[done] if use_f64 else (bi[done] - zi[done] - sh[done])
         if previous is not None:
-            poor = ~done & (norm > (10 * asked).clamp(0.1, 0.5) * previous)
-            stalled = poor & ~low
-            low &= ~poor
+            stalled = _stalled(~done, norm, previous, asked, low)
             if bool(stalled.any()):
                 direct[at[stalled]] = True
                 done |= stalled
@@ -600,13 +594,15 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
         previous = norm
         asked = torch.maximum(target / norm, torch.where(low, LOW_TOL, INNER_TOL).double())
         rhs = s.float().mul_(iscale32)
-        sup = 1.0 - pick(support)
-        correction = _pcg_by_precision(rhs, sup, low, inv_low, inv_hat, asked.float(), max_iter, work)
+        correction = _pcg_by_precision(rhs, pick(removed), low, inv_low, inv_hat, asked.float(), max_iter, work)
         correction = correction.mul(iscale32).double()
         if index is None:
             z.add_(correction)
         else:
             z[index] += correction
+        # float64 products from the round whose inner solves may bring a row near its target
+        if exact and not use_f64 and bool(((norm / target) * asked <= FAR_FROM_TARGET).any()):
+            use_f64 = True
     todo = direct.nonzero().flatten()
     if todo.numel():
         out_x[todo] = _direct_solve(w[todo], mask[todo], h_damped, hinv)
@@ -742,6 +738,17 @@ def _pcg32(b, support, a_hat, rel_tol, max_iter, work: Optional[dict] = None):
         torch.addcmul(r, p, beta, out=p)  # p = r + beta p, in one pass
         rr = rr_next
     return y
+
+
+def _stalled(iterating, norm, previous, asked, low):
+    """The refinement's rule for rows that did not progress (``iterating`` rows that cut their residual
+    norm less than 10x since ``previous``, or less than 2x when they ``asked`` for less than 100x): those
+    in the low precision continue in float32 (``low`` is cleared for them, in place); the float32 ones
+    are returned, for the direct solve."""
+    poor = iterating & (norm > (10 * asked).clamp(0.1, 0.5) * previous)
+    stalled = poor & ~low
+    low &= ~poor
+    return stalled
 
 
 def _pcg_by_precision(b, support, low, a_low, a_hat, rel_tol, max_iter, work):
