@@ -80,12 +80,14 @@ def accuracy_table() -> str | None:
 def _timing_table(layer) -> str:
     methods = ("magnitude", "wanda", "sparsegpt", "mrp", "mrp-noswap")
     timing = ["| layer | target | " + " | ".join(f"{m} s" for m in methods)
-              + " | mrp / sparsegpt time | mrp (no swap) / sparsegpt |", "|---|---|" + "---|" * (len(methods) + 2)]
+              + " | mrp / sparsegpt time | mrp (no swap) / sparsegpt | mrp / sparsegpt error | mrp (no swap) / sparsegpt error |",
+              "|---|---|" + "---|" * (len(methods) + 4)]
     for r in layer["timings"]:
         kind = f" ({r['inputs']} inputs)" if "inputs" in r else ""
+        error = {m: r[m]["relative_error"] / r["sparsegpt"]["relative_error"] for m in ("mrp", "mrp-noswap")}
         timing.append(f"| {r['shape']} {r['layer']} {r['size'][0]}×{r['size'][1]}{kind} | {r['target']} | " + " | ".join(
             f"{r[m]['seconds']:.2f}" for m in methods) + f" | {r['mrp_time_over_sparsegpt']:.1f}× |"
-            f" {r['mrp_noswap_time_over_sparsegpt']:.1f}× |")
+            f" {r['mrp_noswap_time_over_sparsegpt']:.1f}× | {error['mrp']:.3f} | {error['mrp-noswap']:.3f} |")
     shapes = sorted({r["shape"] for r in layer["timings"]})
     return (f"Time on random layers of the {' and '.join(shapes)} shape (median of {layer['repeats']} rounds that "
             "run every method once, in a fresh process; ratios: median of the per-round ratios; each time is "
