@@ -27,6 +27,9 @@ from ssm_reduce.embedded import training_texts  # noqa: E402
 from ssm_reduce.evaluation import windowed_perplexity  # noqa: E402
 
 TARGETS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "2:4": dict(pattern="2:4"), "4:8": dict(pattern="4:8")}
+# row label -> prune() arguments
+VARIANTS = {"magnitude": dict(method="magnitude"), "wanda": dict(method="wanda"), "sparsegpt": dict(method="sparsegpt"),
+            "mrp": dict(method="mrp"), "mrp-noswap": dict(method="mrp", swap_rounds=0)}
 
 
 def score(model, stream, args, reduce: bool) -> dict:
@@ -40,7 +43,8 @@ def score(model, stream, args, reduce: bool) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "mrp"])
+    p.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="mrp-noswap: mrp with swap_rounds=0")
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     p.add_argument("--flops", type=float, default=0.2, help="token-reduction target of the combined rows")
     p.add_argument("--nsamples", type=int, default=64)
@@ -66,7 +70,7 @@ def main(argv=None):
     for target in args.targets:
         for method in args.methods:
             model = copy.deepcopy(dense)
-            report = ssm_reduce.prune(model, calib, tokenizer=tokenizer, method=method, nsamples=args.nsamples,
+            report = ssm_reduce.prune(model, calib, tokenizer=tokenizer, **VARIANTS[method], nsamples=args.nsamples,
                                       seqlen=args.seqlen, progress=False, **TARGETS[target])
             rows.append({
                 "method": method, "target": target,
