@@ -299,15 +299,15 @@ def test_mrp_on_ill_conditioned_inputs_matches_either_space(monkeypatch):
     assert float((a - b).norm() / b.norm()) < 2 * solvers.WEIGHT_TOL
 
 
-def _optimal_losses(w, mask, damped):
-    """Per row, the optimum's damped loss for its mask, by an independent solve."""
-    d = _independent_solve(w, mask, damped) - w.double()
+def _losses(x, w, damped):
+    d = x - w.double()
     return ((d @ damped) * d).sum(1)
 
 
-def test_dual_bound_brackets_the_optimal_loss():
-    """The dual bound behind the swap decisions: at most the optimal loss for any x, equal to it at the
-    optimum, and its gap shrinks with x's error (the loss of x itself bounds from above)."""
+def test_loss_lower_bound_brackets_the_optimal_loss():
+    """The lower bound behind the swap decisions: at most the optimal loss for any x on the kept support,
+    equal to it at the optimum, equal to the Lagrange dual's value, and its gap shrinks with x's error
+    (the loss of x itself bounds from above)."""
     from ssm_reduce.prune import solvers
 
     w, h = correlated_problem(out=24, inp=48)
@@ -316,25 +316,26 @@ def test_dual_bound_brackets_the_optimal_loss():
     hinv = torch.linalg.inv(damped)
     mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)).argsort(1) < 24
     best = _independent_solve(w, mask, damped)
-    opt = _optimal_losses(w, mask, damped)
+    opt = _losses(best, w, damped)
     b = w @ damped
     gaps = []
     for noise in (1e-1, 1e-2, 1e-3, 0.0):
         x = best + noise * best.abs().mean() * torch.randn(w.shape, dtype=torch.float64,
                                                           generator=torch.Generator().manual_seed(2))
         x = x * ~mask
-        lower = solvers._dual_bound(w, mask, b - x @ damped, hinv)
-        d = x - w
-        upper = ((d @ damped) * d).sum(1)
+        upper = _losses(x, w, damped)
+        lower = solvers._loss_lower_bound(upper, b, x @ damped, mask, hinv)
+        z = (b - x @ damped) * mask  # the dual's value at z = ((w - x) H)_P
+        assert torch.allclose(lower, 2 * (z * w).sum(1) - ((z @ hinv) * z).sum(1), rtol=1e-5)
         assert bool((lower <= opt * (1 + 1e-6)).all()) and bool((opt <= upper * (1 + 1e-12)).all())
         gaps.append(float(((upper - lower) / opt).max()))
-    assert gaps[0] > gaps[1] > gaps[2] > gaps[3] and gaps[3] < 1e-5
+    assert gaps[0] > gaps[1] > gaps[2] > gaps[3] and gaps[3] < 1e-6
 
 
 def test_loose_solves_bound_the_optimal_loss_in_either_space(space):
-    """A loose solve (swap rounds) returns, per row, a lower bound on its mask's optimal loss; the loss
-    of its solution is the upper one; together they bracket it, tightly (well under the percent gains
-    swaps are decided on) in the space "auto" picks for the inputs."""
+    """Loose solves (swap rounds) give, per row, an upper (their loss) and a lower bound on the mask's
+    optimal loss that bracket it tightly (well under the percent gains swaps are decided on) in the space
+    "auto" picks for the inputs; exact solves' bounds are exact, also for rows solved directly."""
     from ssm_reduce.prune import solvers
 
     for name, (w, h) in (("spread", correlated_problem(out=32, inp=64)), ("power-law", power_law_problem())):
@@ -342,14 +343,18 @@ def test_loose_solves_bound_the_optimal_loss_in_either_space(space):
         damped = solvers._damped(h, 0.01)
         hinv = torch.linalg.inv(damped)
         mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(4)).argsort(1) < w.shape[1] // 2
+        opt = _losses(_independent_solve(w, mask, damped), w, damped)
+        b = w @ damped
         x, xh, lower = solvers.exact_solve(w, mask, damped, hinv, residual_tol=1e-2, return_product=True,
                                            return_bound=True)
-        opt = _optimal_losses(w, mask, damped)
-        d = x - w
-        upper = ((d @ damped) * d).sum(1)
-        assert bool((lower <= opt * (1 + 1e-5)).all()) and bool((opt <= upper * (1 + 1e-9)).all())
-        if name == "spread" or space == "removed":  # (the kept-weight iteration is not used on power-law inputs)
+        upper = solvers._row_losses(w, x, b, xh)  # as the swap rounds compute it, from float32 products
+        assert bool((lower <= opt * (1 + 1e-5)).all()) and bool((opt <= upper * (1 + 1e-5)).all())
+        if name == "spread" or space == "removed":  # (kept-weight iterations are not used on power-law inputs)
             assert float(((upper - lower) / opt).median()) < (1e-3 if name == "spread" else 1e-2)
+        # rows solved directly (iterations cut to one) get bounds as tight as their exact solutions
+        x, xh, lower = solvers.exact_solve(w, mask, damped, hinv, return_product=True, return_bound=True,
+                                           max_iter=1)
+        assert torch.allclose(lower, opt, rtol=1e-6) and torch.allclose(solvers._row_losses(w, x, b, xh), opt, rtol=1e-9)
 
 
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")], ids=["50%", "2:4"])
