@@ -41,13 +41,14 @@ Methods (all give exactly the same number of removed weights in every row, or va
      and so are the candidates, except in the last round, whose candidates are solved exactly (as in
      step 2); the rows left without an exact solution are then solved exactly. A loose solution's loss
      is an upper bound on its mask's optimum, and a Lagrange-dual bound from the same solve a lower
-     one (``_loss_lower_bound``; in the removed weights' iteration, at its iterate); a row takes its swap where the candidate's loss is below the
-     current mask's lower bound, and in the last round a row whose comparison is undecided has its
-     current mask solved exactly too and compares exactly. So no row ends worse than with its sweep's
-     mask. The comparisons are in the damped loss, the objective every solve minimises: on layers
-     where the damping dominates it (calibration inputs spanning few directions), a swap that lowers it
-     can raise the undamped error that the report shows (by 1-8% on the bench's strongly correlated
-     random layers; on the embedded model's layers swaps lowered that error in every case).
+     one (``_loss_lower_bound``; in the removed weights' iteration, at its iterate); a row takes its
+     swap where the candidate's loss is below the current mask's lower bound, and in the last round a
+     row whose comparison is undecided has its current mask solved exactly too and compares exactly.
+     So no row ends worse than with its sweep's mask. The comparisons are in the damped loss, the
+     objective every solve minimises: on layers where the damping dominates it (calibration inputs
+     spanning few directions), a swap that lowers it can raise the undamped error that the report
+     shows (by 1-8% on the bench's strongly correlated random layers; on the embedded model's layers
+     swaps lowered that error in every case).
 
   Departures from the paper's text, as far as it is known (its code was never published): the exact
   re-solve of step 2 and the swap round of step 3 are ours; the paper's sweep keeps the weights it
@@ -899,9 +900,9 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
                 fraction: float = 0.05, eig_floor: Optional[float] = None, work: Optional[dict] = None):
     """One swap round (module docstring, step 3); returns (mask, solution, solution @ H, losses, lower,
     taken, solved), where ``losses`` are the rows' ``(solution - w) H (solution - w)^T``, ``lower``
-    lower bounds on their masks' optimal losses (``_loss_lower_bound``), ``taken`` is True for the rows that
-    took their swap and ``solved`` for the rows that now hold their mask's exact solution. The inputs
-    may be updated in place.
+    lower bounds on their masks' optimal losses (``exact_solve``'s ``return_bound``), ``taken`` is True
+    for the rows that took their swap and ``solved`` for the rows that now hold their mask's exact
+    solution. The inputs may be updated in place.
 
     Removed weights whose freeing would gain more than the cheapest kept weights cost are swapped in
     (within the same group of ``group`` columns for N:M, which keeps the pattern valid). A row takes
@@ -982,7 +983,8 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
                 trial_lower[refused] = lower[refused]
         if exact:
             solved |= improved
-        return candidate, trial, trial_h, trial_losses, lower if trial_lower is None else trial_lower, improved, solved
+        lower = lower if trial_lower is None else trial_lower
+        return candidate, trial, trial_h, trial_losses, lower, improved, solved
     accepted = index[improved]
     mask[accepted] = candidate[accepted]
     solution[accepted] = trial[improved]
