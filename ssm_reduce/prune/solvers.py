@@ -589,16 +589,22 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
     for round_ in range(REFINEMENTS + 1):
         while True:
             zi, wi, bi, sup_k, sup_p = pick(z), pick(w), pick(b), pick(support), pick(removed)
-            y = zi @ hinv if use_f64 else (zi.float() @ inv32).double()
-            xi = torch.sub(wi, y)
-            s = xi * sup_p
+            # (into scratch buffers: on a CPU, fresh pages for big temporaries cost more than the arithmetic)
+            if use_f64:
+                y = torch.matmul(zi, hinv, out=_scratch(work, "rm_y", zi))
+            else:
+                z32 = _scratch(work, "rm_z32", zi, torch.float32).copy_(zi)
+                y = torch.matmul(z32, inv32, out=_scratch(work, "rm_y32", z32))
+            xi = torch.sub(wi, y, out=_scratch(work, "rm_x", zi))
+            s = torch.mul(xi, sup_p, out=_scratch(work, "rm_s", zi))
             xi.mul_(sup_k)
             if use_f64:  # near the target: the true kept residual, in float64
-                xh = xi @ h_damped
-                norm = torch.sub(bi, xh).mul_(sup_k).norm(dim=1)
+                xh = torch.matmul(xi, h_damped, out=_scratch(work, "rm_xh", zi))
+                norm = torch.sub(bi, xh, out=_scratch(work, "rm_t", zi)).mul_(sup_k).norm(dim=1)
             else:  # far from it: the kept residual is s H off P, and x H = b - z - s H
-                sh = (s.float() @ h32).double()
-                norm = (sh * sup_k).norm(dim=1)
+                s32 = _scratch(work, "rm_z32", zi, torch.float32).copy_(s)
+                sh = torch.matmul(s32, h32, out=_scratch(work, "rm_sh32", s32))
+                norm = torch.mul(sh, sup_k, out=s32).norm(dim=1).double()
             target = factor * xi.norm(dim=1) if exact else pick(loose_target)
             if exact and not use_f64 and bool((norm <= FAR_FROM_TARGET * target).any()):
                 use_f64 = True
@@ -630,9 +636,9 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
             break
         previous = norm
         asked = torch.maximum(target / norm, torch.where(low, LOW_TOL, INNER_TOL).double())
-        rhs = s.float().mul_(iscale32)
+        rhs = _scratch(work, "rm_rhs", s, torch.float32).copy_(s).mul_(iscale32)
         correction = _pcg_by_precision(rhs, pick(removed), low, inv_low, inv_hat, asked.float(), max_iter, work)
-        correction = correction.mul(iscale32).double()
+        correction.mul_(iscale32)
         if index is None:
             z.add_(correction)
         else:
