@@ -369,10 +369,11 @@ def exact_solve(
     directly (float64-refined batched factorisations). ``wh`` may pass ``weight @ h_damped`` (float64)
     when the caller has it; with ``return_product`` the result is ``(x, x @ h_damped)``, the product
     being the one the final residual check computed (float32 ones with ``residual_tol``); with
-    ``return_bound`` too, ``(x, x @ h_damped, lower)``, ``lower`` per row a lower bound on the optimal
-    loss ``(w* - w) H (w* - w)^T`` (the loss of x is an upper one; the swap rounds decide through both):
-    ``_loss_lower_bound``, or where the iteration ran in the removed weights, the Lagrange dual at its
-    iterate (``_solve_removed``). ``work``: a dict of scratch buffers to reuse across calls (``_scratch``).
+    ``return_bound`` too, ``(x, x @ h_damped, losses, lower)``: per row the loss of x,
+    ``(x - w) H (x - w)^T``, an upper bound on the optimum's, and a lower bound on that (the swap rounds
+    decide through both): ``_loss_lower_bound``, or where the iteration ran in the removed weights, the
+    Lagrange dual at its iterate (``_solve_removed``). ``work``: a dict of scratch buffers to reuse
+    across calls (``_scratch``).
     """
     w = weight.double()
     rows = w.shape[0]
@@ -468,7 +469,8 @@ def exact_solve(
         x[todo] = _direct_solve(w[todo], mask[todo], h_damped, hinv)  # rows CG did not bring to tol
         xh[todo] = x[todo] @ h_damped  # (float64 in loose solves too: a few rows, exact ones)
     if return_bound:
-        return x, xh, _loss_lower_bound(_row_losses(w, x, b, xh), b, xh, mask, hinv, work)
+        losses = _row_losses(w, x, b, xh, work)
+        return x, xh, losses, _loss_lower_bound(losses, b, xh, mask, hinv, work)
     return (x, xh) if return_product else x
 
 
@@ -480,10 +482,11 @@ def _loss_lower_bound(losses: torch.Tensor, wh: torch.Tensor, xh: torch.Tensor, 
     exceeds the optimum by exactly ``r_K (H_KK)^-1 r_K^T``, and ``(H_KK)^-1 <= (H^-1)_KK`` (their
     difference is ``(H^-1)_KP [(H^-1)_PP]^-1 (H^-1)_PK``); the bound is also the Lagrange dual's value at
     ``z = ((w - x) H)_P``. Its gap closes quadratically with the residual. The product with H^-1 is a
-    float32 one: it scales a small correction."""
-    r = (wh - xh).mul_(~mask)
-    rh = (r.float() @ _removed_operators(hinv, work)[3]).double()
-    return losses - (rh * r).sum(1)
+    float32 one: it scales a small correction. ``work``: scratch buffers."""
+    r = torch.sub(wh, xh, out=_scratch(work, "lb_r", wh)).masked_fill_(mask, 0.0)
+    r32 = _scratch(work, "lb_r32", r, torch.float32).copy_(r)
+    rh = torch.matmul(r32, _removed_operators(hinv, work)[3], out=_scratch(work, "lb_rh32", r32))
+    return losses - rh.mul_(r32).sum(1, dtype=torch.float64)
 
 
 def _solve_space(h_hat: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, work: Optional[dict]) -> str:
@@ -650,11 +653,11 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
     if todo.numel():
         out_x[todo] = _direct_solve(w[todo], mask[todo], h_damped, hinv)
         out_xh[todo] = out_x[todo] @ h_damped
-        if lower is not None:
-            losses = _row_losses(w[todo], out_x[todo], b[todo], out_xh[todo])
-            lower[todo] = _loss_lower_bound(losses, b[todo], out_xh[todo], mask[todo], hinv, work)
     if lower is not None:
-        return out_x, out_xh, lower
+        losses = _row_losses(w, out_x, b, out_xh, work)
+        if todo.numel():
+            lower[todo] = _loss_lower_bound(losses[todo], b[todo], out_xh[todo], mask[todo], hinv, work)
+        return out_x, out_xh, losses, lower
     return (out_x, out_xh) if return_product else out_x
 
 
@@ -960,12 +963,14 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
 
     exact = eig_floor is not None
     w_c, wh_c = pick(w), pick(wh)
-    solved_c = exact_solve(w_c, pick(candidate), h_damped, hinv, start=pick(solution), wh=wh_c,
-                           return_product=True, eig_floor=eig_floor, residual_tol=None if exact else SWAP_TOL,
-                           work=work, return_bound=not exact)
-    trial, trial_h = solved_c[:2]
-    trial_lower = None if exact else solved_c[2]
-    trial_losses = _row_losses(w_c, trial, wh_c, trial_h, work)
+    if exact:
+        trial, trial_h = exact_solve(w_c, pick(candidate), h_damped, hinv, start=pick(solution), wh=wh_c,
+                                     return_product=True, eig_floor=eig_floor, work=work)
+        trial_losses, trial_lower = _row_losses(w_c, trial, wh_c, trial_h, work), None
+    else:
+        trial, trial_h, trial_losses, trial_lower = exact_solve(
+            w_c, pick(candidate), h_damped, hinv, start=pick(solution), wh=wh_c, return_product=True,
+            residual_tol=SWAP_TOL, work=work, return_bound=True)
     # certainly better: the candidate's loss is below any the current mask can reach
     improved = trial_losses < pick(lower)
     if exact:
@@ -1068,13 +1073,13 @@ def prune_linear(
             # swap rounds compare masks through looser solves; the final mask is solved exactly
             # scratch buffers shared by the solves below (and, through ``workspace``, by later calls)
             work = {} if workspace is None else workspace.setdefault((tuple(w.shape), str(w.device)), {})
-            solved_all = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
-                                     residual_tol=SWAP_TOL if swap_rounds else None, eig_floor=floor, work=work,
-                                     return_bound=bool(swap_rounds))
-            new, new_h = solved_all[:2]
-            # lower bounds on the current masks' optimal losses (the loose solutions' losses are upper ones)
-            lower = solved_all[2] if swap_rounds else None
-            losses = _row_losses(w, new, wh, new_h, work)
+            if swap_rounds:  # loose solutions, their losses, and lower bounds on their masks' optimal losses
+                new, new_h, losses, lower = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
+                                                        residual_tol=SWAP_TOL, work=work, return_bound=True)
+            else:
+                new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
+                                         eig_floor=floor, work=work)
+                losses = _row_losses(w, new, wh, new_h, work)
             solved = None  # rows already holding their exact solution
             for round_ in range(swap_rounds):
                 last = round_ == swap_rounds - 1  # the last round's re-solves are exact
