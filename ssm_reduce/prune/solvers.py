@@ -390,7 +390,7 @@ def exact_solve(
         factor = floor * tol / (1.0 + tol)
     support = keep.float()  # masking by a product: several times faster on a CPU than by a bool mask
     if not exact:
-        scale = (b * support).norm(dim=1)
+        scale = torch.mul(b, support, out=_scratch(work, "r", b)).norm(dim=1)
     h_hat, scale32, h_low, h32 = _operators(h_damped, work)
     if _solve_space(h_hat, hinv, mask, work) == "removed":
         return _solve_removed(w, mask, h_damped, hinv, x, b, factor if exact else None,
