@@ -368,14 +368,9 @@ def test_swaps_never_leave_a_row_worse(problem, swap_rounds, target):
 
     w, h = correlated_problem(out=48, inp=64) if problem == "spread" else power_law_problem(out=48, inp=96)
     damped = solvers._damped(h, 0.01)
-
-    def row_losses(new):
-        d = new.double() - w.double()
-        return ((d @ damped) * d).sum(1)
-
-    base = row_losses(prune_linear(w, h, method="mrp", swap_rounds=0, **target)[0])
+    base = _losses(prune_linear(w, h, method="mrp", swap_rounds=0, **target)[0].double(), w, damped)
     new, _, stats = prune_linear(w, h, method="mrp", swap_rounds=swap_rounds, **target)
-    got = row_losses(new)
+    got = _losses(new.double(), w, damped)
     assert stats.swap_rows_improved > 0
     assert bool((got <= base * (1 + 1e-6)).all())
     assert float(got.sum()) < float(base.sum())

@@ -27,8 +27,7 @@ Methods (all give exactly the same number of removed weights in every row, or va
      bfloat16 where that is fast (``LOW_PRECISION``; float32 for rows it cannot move), iterating in the
      kept weights (``H_KK``) or, where a Lanczos estimate finds that far better conditioned, in the
      removed ones (``(H^-1)_PP``; strongly correlated inputs make ``H_KK`` thousands of times worse
-     conditioned) — until every
-     row's kept weights are provably within a relative 5e-5
+     conditioned) — until every row's kept weights are provably within a relative 5e-5
      (``WEIGHT_TOL``) of the exact optimum: ``|w' - w*| <= |residual| / lambda_min(H)``, with a floor on
      lambda_min verified from the damping by a shifted Cholesky factorisation (direct batched
      factorisation for any row that has not converged) — the sweep can never move kept weights left of
@@ -429,7 +428,7 @@ def exact_solve(
                 residual_tol * (scale if index is None else scale[index]))
             norm = r.norm(dim=1)
             # float32 residuals cannot confirm (or aim at) an exact target: near it, recompute in float64
-            if exact and not use_f64 and bool((norm <= FAR_FROM_TARGET * target).any()):
+            if exact and not use_f64 and _near_target(norm, target):
                 use_f64 = True
                 continue
             break
@@ -462,16 +461,36 @@ def exact_solve(
         else:
             x[index] += correction.double()
         # float64 products from the round whose inner solves may bring a row near its target
-        if exact and not use_f64 and bool(((norm / target) * asked <= FAR_FROM_TARGET).any()):
+        if exact and not use_f64 and _near_target(norm * asked, target):
             use_f64 = True
+    return _finish(w, mask, b, h_damped, hinv, x, xh, direct, return_product, return_bound, work)
+
+
+def _finish(w, mask, b, h_damped, hinv, x, xh, direct, return_product, return_bound, work, lower=None):
+    """The end of both iterations: the rows in ``direct`` (CG did not bring them to the target) solved
+    directly, their products in float64 (also in loose solves: a few rows, exact ones), and the result
+    in the shape asked: x, (x, x H) or (x, x H, losses, lower). ``lower``: the bounds the iteration
+    computed (the removed weights' dual), else ``_loss_lower_bound``'s, which rows solved directly get
+    in any case."""
     todo = direct.nonzero().flatten()
     if todo.numel():
-        x[todo] = _direct_solve(w[todo], mask[todo], h_damped, hinv)  # rows CG did not bring to tol
-        xh[todo] = x[todo] @ h_damped  # (float64 in loose solves too: a few rows, exact ones)
-    if return_bound:
-        losses = _row_losses(w, x, b, xh, work)
-        return x, xh, losses, _loss_lower_bound(losses, b, xh, mask, hinv, work)
-    return (x, xh) if return_product else x
+        x[todo] = _direct_solve(w[todo], mask[todo], h_damped, hinv)
+        xh[todo] = x[todo] @ h_damped
+    if not return_bound:
+        return (x, xh) if return_product else x
+    losses = _row_losses(w, x, b, xh, work)
+    if lower is None:
+        lower = _loss_lower_bound(losses, b, xh, mask, hinv, work)
+    elif todo.numel():
+        lower[todo] = _loss_lower_bound(losses[todo], b[todo], xh[todo], mask[todo], hinv, work)
+    return x, xh, losses, lower
+
+
+def _near_target(norm: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether any row's residual ``norm`` (or the one a round that cuts it by ``asked`` may leave,
+    ``norm * asked``) is within ``FAR_FROM_TARGET`` of its exact ``target``: from then on both iterations
+    compute their residual products in float64."""
+    return bool((norm <= FAR_FROM_TARGET * target).any())
 
 
 def _loss_lower_bound(losses: torch.Tensor, wh: torch.Tensor, xh: torch.Tensor, mask: torch.Tensor,
@@ -609,7 +628,7 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
                 sh = torch.matmul(s32, h32, out=_scratch(work, "rm_sh32", s32))
                 norm = torch.mul(sh, sup_k, out=s32).norm(dim=1).double()
             target = factor * xi.norm(dim=1) if exact else pick(loose_target)
-            if exact and not use_f64 and bool((norm <= FAR_FROM_TARGET * target).any()):
+            if exact and not use_f64 and _near_target(norm, target):
                 use_f64 = True
                 continue
             break
@@ -647,18 +666,9 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
         else:
             z[index] += correction
         # float64 products from the round whose inner solves may bring a row near its target
-        if exact and not use_f64 and bool(((norm / target) * asked <= FAR_FROM_TARGET).any()):
+        if exact and not use_f64 and _near_target(norm * asked, target):
             use_f64 = True
-    todo = direct.nonzero().flatten()
-    if todo.numel():
-        out_x[todo] = _direct_solve(w[todo], mask[todo], h_damped, hinv)
-        out_xh[todo] = out_x[todo] @ h_damped
-    if lower is not None:
-        losses = _row_losses(w, out_x, b, out_xh, work)
-        if todo.numel():
-            lower[todo] = _loss_lower_bound(losses[todo], b[todo], out_xh[todo], mask[todo], hinv, work)
-        return out_x, out_xh, losses, lower
-    return (out_x, out_xh) if return_product else out_x
+    return _finish(w, mask, b, h_damped, hinv, out_x, out_xh, direct, return_product, return_bound, work, lower)
 
 
 def _operators(h_damped: torch.Tensor, work: Optional[dict], key: str = "operators"):
