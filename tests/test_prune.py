@@ -199,6 +199,32 @@ def test_auto_inner_precision_keeps_float32_on_small_layers(monkeypatch):
     assert {dtype for dtype, _ in calls} == {torch.float32}
 
 
+@pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")], ids=["50%", "2:4"])
+def test_mrp_in_row_chunks_is_mrp_on_every_chunk(target, monkeypatch):
+    """Rows are pruned in chunks of at most ``MRP_CHUNK_ELEMENTS(_CPU)`` (a memory bound): every chunk gets the
+    whole method (exact sparsity, kept weights at the optimum of their mask), the report's error is the
+    whole layer's, and the result is the one without chunks up to the solves' tolerance."""
+    from ssm_reduce.prune import solvers
+
+    w, h = correlated_problem(out=40, inp=48)
+    whole, whole_mask, whole_stats = prune_linear(w, h, method="mrp", **target)
+    calls, real = [], solvers._mrp_rows
+    monkeypatch.setattr(solvers, "_mrp_rows", lambda rows, *a: calls.append(rows.shape[0]) or real(rows, *a))
+    monkeypatch.setattr(solvers, "MRP_CHUNK_ELEMENTS_CPU", 16 * 48)  # 16 rows: chunks of 16, 16, 8
+    new, mask, stats = prune_linear(w, h, method="mrp", workspace={}, **target)
+    assert calls == [16, 16, 8]
+    assert (mask.sum(1) == 24).all() and stats.sparsity == 0.5
+    damped = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(48, dtype=torch.float64)
+    optimum = _independent_solve(w, mask, damped)
+    assert ((new.double() - optimum).norm(dim=1) / optimum.norm(dim=1)).max() < 1e-4
+    assert stats.relative_error == pytest.approx(relative_error(w, new, h), rel=1e-9)
+    assert stats.swap_rows_improved > 0
+    # the same masks and weights as in one piece (rows are independent given H)
+    assert torch.equal(mask, whole_mask)
+    assert torch.allclose(new, whole, rtol=0, atol=1e-4 * float(whole.abs().max()))
+    assert stats.relative_error == pytest.approx(whole_stats.relative_error, rel=1e-6)
+
+
 def test_workspace_reuse_changes_nothing():
     """Scratch buffers kept in a workspace across calls: bitwise the same results as fresh ones, and no
     result of an earlier call is overwritten by a later one."""

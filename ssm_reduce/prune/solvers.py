@@ -49,6 +49,10 @@ Methods (all give exactly the same number of removed weights in every row, or va
      shows (by 1-8% on the bench's strongly correlated random layers; on the embedded model's layers
      swaps lowered that error in every case).
 
+  Given H, every step works row by row, so the rows of a big weight go through all three in chunks
+  (``MRP_CHUNK_ELEMENTS``: about 20 float64 arrays of a chunk's size are alive at once), which bounds
+  the memory and changes nothing else.
+
   Departures from the paper's text, as far as it is known (its code was never published): the exact
   re-solve of step 2 and the swap round of step 3 are ours; the paper's sweep keeps the weights it
   produces (so its joint removals must be exact, where ours need only pick the mask). Step 2 never
@@ -70,6 +74,12 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "mrp")
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Elements of one batched (rows x p x p) system solved at once by the exact re-solve.
 SOLVE_CHUNK_ELEMENTS = 1 << 26
+# mrp prunes the rows of a weight in chunks of at most this many elements (rows x in_features): its
+# solves hold about 20 float64 arrays of a chunk's size at once (~5 GB at this setting), and rows are
+# independent given the Hessian, so chunking changes only the memory (and the speed, a little).
+MRP_CHUNK_ELEMENTS = 1 << 25
+# The same on a CPU (~0.7 GB), where smaller working sets are also faster (6% on a mamba2-2.7b in_proj).
+MRP_CHUNK_ELEMENTS_CPU = 1 << 22
 # The sweep's joint removals: relative residual and iteration cap of their float32 PCG solves.
 SWEEP_TOL = 1e-3
 SWEEP_MAX_ITER = 32
@@ -891,16 +901,16 @@ def _factor(sub32: torch.Tensor, matrix: torch.Tensor, idx: torch.Tensor):
     return lambda b: torch.cholesky_solve(b[..., None], chol64)[..., 0]
 
 
-def _relative_error_from_losses(w, new, loss, wh, h_damped, hessian, loss_accuracy: float = 1e-12) -> float:
+def _relative_error_from_losses(w, new, loss, whw, h_damped, hessian, loss_accuracy: float = 1e-12) -> float:
     """``relative_error(w, new, hessian)`` from ``loss``, the sum over rows of the damped
-    ``(new - w) H (new - w)^T`` (known to a relative ``loss_accuracy``), and ``wh = w @ h_damped``
-    (H_damped - H is diagonal), without two more products with H."""
+    ``(new - w) H (new - w)^T`` (known to a relative ``loss_accuracy``), and ``whw``, the sum of
+    ``(w @ h_damped) * w`` (H_damped - H is diagonal), without two more products with H."""
     new = new.to(w.dtype)
     shift = torch.diag(h_damped) - torch.diag(hessian).double()
     shift_num = (torch.linalg.vector_norm(new - w, dim=0).square() * shift).sum()
     shift_den = (torch.linalg.vector_norm(w, dim=0).square() * shift).sum()
     num = loss - shift_num
-    den = (wh * w).sum() - shift_den
+    den = whw - shift_den
     # where the damping dominates, the subtractions cancel: below 4 significant digits, compute directly
     if (float(num) <= max(1e-6 * float(shift_num), 1e4 * loss_accuracy * float(loss))
             or float(den) <= 1e-6 * float(shift_den)):
@@ -1019,6 +1029,47 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
     return mask, solution, solution_h, losses, lower, taken, solved
 
 
+def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, work):
+    """``mrp`` on some rows of a weight (float64) given the damped Hessian ``h``, its inverse, the
+    inverse's upper Cholesky factor and a verified floor on its smallest eigenvalue: the sweep, the
+    exact solve and the swap rounds (module docstring). Returns [new rows, their mask, their summed
+    damped loss, the sum of ``(w @ h) * w`` over them, how many rows took a swap]."""
+    # in float32: the sweep only picks the mask and a starting point (the masks match float64's)
+    swept, mask = _mrp_sweep(w.float(), upper.float(), sparsity, nm, blocksize)
+    wh = w @ h
+    improved_rows = 0
+    if swap_rounds:  # loose solutions, their losses, and lower bounds on their masks' optimal losses
+        new, new_h, losses, lower = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
+                                                residual_tol=SWAP_TOL, work=work, return_bound=True)
+    else:
+        new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True, eig_floor=floor,
+                                 work=work)
+        losses = _row_losses(w, new, wh, new_h, work)
+    solved = None  # rows already holding their exact solution
+    for round_ in range(swap_rounds):
+        last = round_ == swap_rounds - 1  # the last round's re-solves are exact
+        previous = float(losses.sum())
+        mask, new, new_h, losses, lower, improved, solved = _swap_round(
+            w, wh, mask, new, new_h, losses, lower, h, hinv, group=None if nm is None else nm[1],
+            eig_floor=floor if last else None, work=work)
+        improved_rows += int(improved.sum())
+        if not last:
+            solved = None
+        if not bool(improved.any()) or float(losses.sum()) > previous * (1 - SWAP_MIN_GAIN):
+            break
+    if swap_rounds:  # the final mask solved exactly, where the rounds left a loose solution
+        rest = None if solved is None or not bool(solved.any()) else (~solved).nonzero().flatten()
+        if rest is None:
+            new, new_h = exact_solve(w, mask, h, hinv, start=new, wh=wh, return_product=True, eig_floor=floor,
+                                     work=work)
+            losses = _row_losses(w, new, wh, new_h, work)
+        elif rest.numel():
+            new[rest], new_h[rest] = exact_solve(w[rest], mask[rest], h, hinv, start=new[rest], wh=wh[rest],
+                                                 return_product=True, eig_floor=floor, work=work)
+            losses[rest] = _row_losses(w[rest], new[rest], wh[rest], new_h[rest])
+    return [new, mask, losses.sum(), (wh * w).sum(), improved_rows]
+
+
 @torch.no_grad()
 def prune_linear(
     weight: torch.Tensor,
@@ -1044,7 +1095,9 @@ def prune_linear(
             costs one more exact solve); they stop early once a round gains less than 1%.
         workspace: ``mrp``: a dict in which to keep the solves' scratch buffers for later calls with the
             same shapes (``prune`` passes one per run on a CPU, where fresh pages for big buffers cost
-            as much as the arithmetic; it holds a few (out, in) arrays until dropped). Not thread-safe.
+            as much as the arithmetic; it holds a few arrays of a row chunk's size until dropped).
+            Not thread-safe. ``mrp`` works through the rows in chunks of at most
+            ``MRP_CHUNK_ELEMENTS`` elements (``MRP_CHUNK_ELEMENTS_CPU`` on a CPU), which bounds its memory.
     Returns:
         (new_weight in weight's dtype, mask (out, in) bool True where removed, SolveStats)
     """
@@ -1075,51 +1128,35 @@ def prune_linear(
             # (both sweeps and the exact solve leave removed weights exactly zero: no masking after)
             wh = w @ h  # the error's denominator (its numerator is the sweep's loss)
         else:
-            # in float32: the sweep only picks the mask and a starting point (the masks match float64's)
-            swept, mask = _mrp_sweep(w.float(), upper.float(), sparsity or 0.0, nm, blocksize)
-            wh = w @ h
             # H = hessian + damping >= 0.9 x the smallest diagonal shift if hessian is PSD (verified)
             floor = _eig_floor(h, hinv, 0.9 * float((torch.diag(h) - torch.diag(hessian).double()).min()))
-            # swap rounds compare masks through looser solves; the final mask is solved exactly
-            # scratch buffers shared by the solves below (and, through ``workspace``, by later calls)
-            work = {} if workspace is None else workspace.setdefault((tuple(w.shape), str(w.device)), {})
-            if swap_rounds:  # loose solutions, their losses, and lower bounds on their masks' optimal losses
-                new, new_h, losses, lower = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
-                                                        residual_tol=SWAP_TOL, work=work, return_bound=True)
-            else:
-                new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
-                                         eig_floor=floor, work=work)
-                losses = _row_losses(w, new, wh, new_h, work)
-            solved = None  # rows already holding their exact solution
-            for round_ in range(swap_rounds):
-                last = round_ == swap_rounds - 1  # the last round's re-solves are exact
-                previous = float(losses.sum())
-                mask, new, new_h, losses, lower, improved, solved = _swap_round(
-                    w, wh, mask, new, new_h, losses, lower, h, hinv, group=None if nm is None else nm[1],
-                    eig_floor=floor if last else None, work=work)
-                stats.swap_rows_improved += int(improved.sum())
-                if not last:
-                    solved = None
-                if not bool(improved.any()) or float(losses.sum()) > previous * (1 - SWAP_MIN_GAIN):
-                    break
-            if swap_rounds:
-                rest = None if solved is None or not bool(solved.any()) else (~solved).nonzero().flatten()
-                if rest is None:
-                    new, new_h = exact_solve(w, mask, h, hinv, start=new, wh=wh, return_product=True,
-                                             eig_floor=floor, work=work)
-                    losses = _row_losses(w, new, wh, new_h, work)
-                elif rest.numel():
-                    new[rest], new_h[rest] = exact_solve(w[rest], mask[rest], h, hinv, start=new[rest],
-                                                         wh=wh[rest], return_product=True, eig_floor=floor,
-                                                         work=work)
-                    losses[rest] = _row_losses(w[rest], new[rest], wh[rest], new_h[rest])
-            for key in ("operators", "removed_operators", "space"):  # specific to this Hessian
-                work.pop(key, None)
+            # rows in chunks (MRP_CHUNK_ELEMENTS; they are independent given H: only the memory changes)
+            limit = MRP_CHUNK_ELEMENTS_CPU if w.device.type == "cpu" else MRP_CHUNK_ELEMENTS
+            step = max(1, limit // max(1, w.shape[1]))
+            parts = [slice(begin, begin + step) for begin in range(0, w.shape[0], step)] or [slice(None)]
+            if len(parts) > 1:
+                new, mask = torch.empty_like(w), torch.empty(w.shape, dtype=torch.bool, device=w.device)
+            loss = whw = 0.0
+            for part in parts:
+                rows = w[part]
+                # scratch buffers shared by the solves (and, through ``workspace``, by later calls)
+                work = {} if workspace is None else workspace.setdefault((tuple(rows.shape), str(w.device)), {})
+                result = _mrp_rows(rows, h, hinv, upper, floor, sparsity or 0.0, nm, blocksize, swap_rounds, work)
+                if len(parts) > 1:
+                    new[part], mask[part] = result[:2]
+                else:
+                    new, mask = result[:2]
+                del result[:2]
+                loss, whw = loss + result[0], whw + result[1]
+                stats.swap_rows_improved += result[2]
+                for key in ("operators", "removed_operators", "space"):  # specific to this Hessian
+                    work.pop(key, None)
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
     if method == "mrp":
-        stats.relative_error = _relative_error_from_losses(w, new, losses.sum(), wh, h, hessian)
+        stats.relative_error = _relative_error_from_losses(w, new, loss, whw, h, hessian)
     elif method == "sparsegpt":
-        stats.relative_error = _relative_error_from_losses(w, new, loss, wh, h, hessian, loss_accuracy=1e-6)
+        stats.relative_error = _relative_error_from_losses(w, new, loss, (wh * w).sum(), h, hessian,
+                                                           loss_accuracy=1e-6)
     else:
         stats.relative_error = relative_error(weight, new, hessian)
     stats.seconds = time.perf_counter() - start
