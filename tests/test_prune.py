@@ -201,7 +201,7 @@ def test_auto_inner_precision_keeps_float32_on_small_layers(monkeypatch):
 
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")], ids=["50%", "2:4"])
 def test_mrp_in_row_chunks_is_mrp_on_every_chunk(target, monkeypatch):
-    """Rows are pruned in chunks of at most ``MRP_CHUNK_ELEMENTS(_CPU)`` (a memory bound): every chunk gets the
+    """Rows are pruned in chunks of at most ``MRP_CHUNK_ELEMENTS`` (a memory bound): every chunk gets the
     whole method (exact sparsity, kept weights at the optimum of their mask), the report's error is the
     whole layer's, and the result is the one without chunks up to the solves' tolerance."""
     from ssm_reduce.prune import solvers
@@ -210,7 +210,7 @@ def test_mrp_in_row_chunks_is_mrp_on_every_chunk(target, monkeypatch):
     whole, whole_mask, whole_stats = prune_linear(w, h, method="mrp", **target)
     calls, real = [], solvers._mrp_rows
     monkeypatch.setattr(solvers, "_mrp_rows", lambda rows, *a: calls.append(rows.shape[0]) or real(rows, *a))
-    monkeypatch.setattr(solvers, "MRP_CHUNK_ELEMENTS_CPU", 16 * 48)  # 16 rows: chunks of 16, 16, 8
+    monkeypatch.setattr(solvers, "MRP_CHUNK_ELEMENTS", 16 * 48)  # 16 rows: chunks of 16, 16, 8
     new, mask, stats = prune_linear(w, h, method="mrp", workspace={}, **target)
     assert calls == [16, 16, 8]
     assert (mask.sum(1) == 24).all() and stats.sparsity == 0.5

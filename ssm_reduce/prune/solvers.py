@@ -75,11 +75,11 @@ _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Elements of one batched (rows x p x p) system solved at once by the exact re-solve.
 SOLVE_CHUNK_ELEMENTS = 1 << 26
 # mrp prunes the rows of a weight in chunks of at most this many elements (rows x in_features): its
-# solves hold about 20 float64 arrays of a chunk's size at once (~5 GB at this setting), and rows are
-# independent given the Hessian, so chunking changes only the memory (and the speed, a little).
-MRP_CHUNK_ELEMENTS = 1 << 25
-# The same on a CPU (~0.7 GB), where smaller working sets are also faster (6% on a mamba2-2.7b in_proj).
-MRP_CHUNK_ELEMENTS_CPU = 1 << 22
+# solves hold about 20 float64 arrays of a chunk's size at once (~3 GB at this setting), and rows are
+# independent given the Hessian, so chunking changes only the memory. (Each chunk repeats the sweep's
+# column loop: on a CPU, chunks of 2^22 made a mamba2-2.7b out_proj, four chunks of 819 rows, 17-27%
+# slower, and its in_proj, three chunks of 1638 rows, 13-17% faster.)
+MRP_CHUNK_ELEMENTS = 1 << 24
 # The sweep's joint removals: relative residual and iteration cap of their float32 PCG solves.
 SWEEP_TOL = 1e-3
 SWEEP_MAX_ITER = 32
@@ -1097,7 +1097,7 @@ def prune_linear(
             same shapes (``prune`` passes one per run on a CPU, where fresh pages for big buffers cost
             as much as the arithmetic; it holds a few arrays of a row chunk's size until dropped).
             Not thread-safe. ``mrp`` works through the rows in chunks of at most
-            ``MRP_CHUNK_ELEMENTS`` elements (``MRP_CHUNK_ELEMENTS_CPU`` on a CPU), which bounds its memory.
+            ``MRP_CHUNK_ELEMENTS`` elements, which bounds its memory.
     Returns:
         (new_weight in weight's dtype, mask (out, in) bool True where removed, SolveStats)
     """
@@ -1131,8 +1131,7 @@ def prune_linear(
             # H = hessian + damping >= 0.9 x the smallest diagonal shift if hessian is PSD (verified)
             floor = _eig_floor(h, hinv, 0.9 * float((torch.diag(h) - torch.diag(hessian).double()).min()))
             # rows in chunks (MRP_CHUNK_ELEMENTS; they are independent given H: only the memory changes)
-            limit = MRP_CHUNK_ELEMENTS_CPU if w.device.type == "cpu" else MRP_CHUNK_ELEMENTS
-            step = max(1, limit // max(1, w.shape[1]))
+            step = max(1, MRP_CHUNK_ELEMENTS // max(1, w.shape[1]))
             parts = [slice(begin, begin + step) for begin in range(0, w.shape[0], step)] or [slice(None)]
             if len(parts) > 1:
                 new, mask = torch.empty_like(w), torch.empty(w.shape, dtype=torch.bool, device=w.device)
