@@ -51,7 +51,7 @@ Methods (all give exactly the same number of removed weights in every row, or va
 
   Given H, every step works row by row, so the rows of a big weight go through all three in chunks
   (``MRP_CHUNK_ELEMENTS``: about 20 float64 arrays of a chunk's size are alive at once), which bounds
-  the memory and changes nothing else.
+  the memory; the only other difference is that the swap rounds' early stop is judged per chunk.
 
   Departures from the paper's text, as far as it is known (its code was never published): the exact
   re-solve of step 2 and the swap round of step 3 are ours; the paper's sweep keeps the weights it
@@ -76,9 +76,10 @@ _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 SOLVE_CHUNK_ELEMENTS = 1 << 26
 # mrp prunes the rows of a weight in chunks of at most this many elements (rows x in_features): its
 # solves hold about 20 float64 arrays of a chunk's size at once (~3 GB at this setting), and rows are
-# independent given the Hessian, so chunking changes only the memory. (Each chunk repeats the sweep's
-# column loop: on a CPU, chunks of 2^22 made a mamba2-2.7b out_proj, four chunks of 819 rows, 17-27%
-# slower; its in_proj, seven chunks of 1638 rows, ran within 6% of one piece.)
+# independent given the Hessian, so chunking changes only the memory (and the swap rounds' early stop
+# is judged per chunk). Each chunk repeats the sweep's column loop: on a CPU, chunks of 2^22 made a
+# mamba2-2.7b out_proj, four chunks of 819 rows, 17-27% slower; its in_proj, seven chunks of 1638
+# rows, ran within 6% of one piece.
 MRP_CHUNK_ELEMENTS = 1 << 24
 # The sweep's joint removals: relative residual and iteration cap of their float32 PCG solves.
 SWEEP_TOL = 1e-3
@@ -1032,8 +1033,8 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
 def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, work):
     """``mrp`` on some rows of a weight (float64) given the damped Hessian ``h``, its inverse, the
     inverse's upper Cholesky factor and a verified floor on its smallest eigenvalue: the sweep, the
-    exact solve and the swap rounds (module docstring). Returns [new rows, their mask, their summed
-    damped loss, the sum of ``(w @ h) * w`` over them, how many rows took a swap]."""
+    exact solve and the swap rounds (module docstring). Returns (new rows, their mask, their summed
+    damped loss, the sum of ``(w @ h) * w`` over them, how many rows took a swap)."""
     # in float32: the sweep only picks the mask and a starting point (the masks match float64's)
     swept, mask = _mrp_sweep(w.float(), upper.float(), sparsity, nm, blocksize)
     wh = w @ h
@@ -1067,7 +1068,7 @@ def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, wo
             new[rest], new_h[rest] = exact_solve(w[rest], mask[rest], h, hinv, start=new[rest], wh=wh[rest],
                                                  return_product=True, eig_floor=floor, work=work)
             losses[rest] = _row_losses(w[rest], new[rest], wh[rest], new_h[rest])
-    return [new, mask, losses.sum(), (wh * w).sum(), improved_rows]
+    return new, mask, losses.sum(), (wh * w).sum(), improved_rows
 
 
 @torch.no_grad()
@@ -1140,14 +1141,15 @@ def prune_linear(
                 rows = w[part]
                 # scratch buffers shared by the solves (and, through ``workspace``, by later calls)
                 work = {} if workspace is None else workspace.setdefault((tuple(rows.shape), str(w.device)), {})
-                result = _mrp_rows(rows, h, hinv, upper, floor, sparsity or 0.0, nm, blocksize, swap_rounds, work)
+                rows_new, rows_mask, rows_loss, rows_whw, improved = _mrp_rows(
+                    rows, h, hinv, upper, floor, sparsity or 0.0, nm, blocksize, swap_rounds, work)
                 if len(parts) > 1:
-                    new[part], mask[part] = result[:2]
+                    new[part], mask[part] = rows_new, rows_mask
+                    del rows_new, rows_mask  # (freed before the next chunk)
                 else:
-                    new, mask = result[:2]
-                del result[:2]
-                loss, whw = loss + result[0], whw + result[1]
-                stats.swap_rows_improved += result[2]
+                    new, mask = rows_new, rows_mask
+                loss, whw = loss + rows_loss, whw + rows_whw
+                stats.swap_rows_improved += improved
                 for key in ("operators", "removed_operators", "space"):  # specific to this Hessian
                     work.pop(key, None)
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
