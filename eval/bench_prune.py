@@ -12,6 +12,7 @@
 
     python eval/bench_prune.py --repeats 7         # CPU
     python eval/bench_prune.py --device cuda --time-shapes mamba2-130m mamba2-2.7b
+    python eval/bench_prune.py --weight-dtype bfloat16 --repeats 7 --out eval/results/bench_prune_cpu_bf16.json
 
 Writes eval/results/bench_prune_<device>.json and prints tables.
 """
@@ -92,17 +93,19 @@ def layer_shapes(name):
     return {"in_proj": (2 * d_inner + 2 * n + d_inner // 64, d), "out_proj": (d, d_inner)}
 
 
-def time_methods(shapes, targets, repeats, device, inputs=("spread",)):
+def time_methods(shapes, targets, repeats, device, inputs=("spread",), weight_dtype="float32"):
     """Median seconds of every variant on random layers of the given checkpoint shapes and kinds of
-    inputs (``random_layer``; run in its own process by ``main``)."""
+    inputs (``random_layer``), their weights in ``weight_dtype`` (run in its own process by ``main``)."""
     harness.set_threads()
     timings = []
     for kind in inputs:
         for shape in shapes:
             for proj, (out, inp) in layer_shapes(shape).items():
                 w, h = random_layer(out, inp, 4 * inp, device, inputs=kind)
+                w = w.to(getattr(torch, weight_dtype))
                 for label in targets:
-                    row = {"shape": shape, "layer": proj, "size": [out, inp], "target": label, "inputs": kind}
+                    row = {"shape": shape, "layer": proj, "size": [out, inp], "target": label, "inputs": kind,
+                           "weight_dtype": weight_dtype}
                     # round robin: every repeat runs each variant once, so drifts of a shared machine hit
                     # all of them alike; ratios are medians of the per-round ratios
                     runs = {variant: [] for variant in VARIANTS}
@@ -131,6 +134,9 @@ def main(argv=None):
     p.add_argument("--time-targets", nargs="+", default=["50%", "2:4"], choices=list(TARGETS))
     p.add_argument("--time-inputs", nargs="+", default=["spread", "correlated"], choices=["spread", "correlated"],
                    help="kinds of random inputs for the timing layers (random_layer)")
+    p.add_argument("--weight-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the timing layers' weights (mrp solves half-precision weights to their "
+                        "precision: weight_tolerance)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method (median)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -154,9 +160,9 @@ def main(argv=None):
     # the allocator in a state that adds a noise of about 20% to the timings, unevenly across methods
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         timings = pool.submit(time_methods, args.time_shapes, args.time_targets, args.repeats, args.device,
-                              args.time_inputs).result()
+                              args.time_inputs, args.weight_dtype).result()
     for row in timings:
-        print(f"time {row['shape']} {row['layer']} ({row['inputs']} inputs) {row['size'][0]}x{row['size'][1]} {row['target']}: " + ", ".join(
+        print(f"time {row['shape']} {row['layer']} ({row['inputs']} inputs, {row['weight_dtype']} weights) {row['size'][0]}x{row['size'][1]} {row['target']}: " + ", ".join(
             f"{m} {row[m]['seconds']:.2f}s" for m in VARIANTS) + f" (mrp/sparsegpt {row['mrp_time_over_sparsegpt']:.1f}x,"
             f" without swaps {row['mrp_noswap_time_over_sparsegpt']:.1f}x)", flush=True)
 
@@ -170,6 +176,7 @@ def main(argv=None):
     print("  without swap rounds:           " + ", ".join(f"{k} {v['mean_mrp_noswap_over_sparsegpt_error']:.3f}" for k, v in summary.items()))
     payload = {"benchmark": "layer-level pruning error and time", "environment": harness.environment(args.device),
                "calibration": {"samples": args.nsamples, "seqlen": args.seqlen}, "repeats": args.repeats,
+               "time_weight_dtype": args.weight_dtype,
                "summary": summary,
                "errors": errors, "timings": timings}
     path = harness.save(f"bench_prune_{args.device.split(':')[0]}", payload, args.out)

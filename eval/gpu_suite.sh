@@ -92,6 +92,8 @@ stage_bench() {
   local rc=0
   "$PY" eval/bench_kernels.py || rc=1
   "$PY" eval/bench_prune.py --device cuda --time-shapes mamba2-130m mamba2-2.7b || rc=1
+  "$PY" eval/bench_prune.py --device cuda --time-shapes mamba2-130m mamba2-2.7b --weight-dtype bfloat16 \
+    --out eval/results/bench_prune_cuda_bf16.json || rc=1
   "$PY" eval/speed.py --device cuda --dtype bfloat16 --paper --shapes mamba2-2.7b mamba-2.8b || rc=1
   return $rc
 }

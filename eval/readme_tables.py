@@ -89,16 +89,21 @@ def _timing_table(layer) -> str:
             f"{r[m]['seconds']:.2f}" for m in methods) + f" | {r['mrp_time_over_sparsegpt']:.1f}× |"
             f" {r['mrp_noswap_time_over_sparsegpt']:.1f}× | {error['mrp']:.3f} | {error['mrp-noswap']:.3f} |")
     shapes = sorted({r["shape"] for r in layer["timings"]})
+    dtype = layer.get("time_weight_dtype", "float32")
+    weights = "" if dtype == "float32" else (
+        f"; weights in {dtype}, which mrp solves to their precision (a sixteenth of their epsilon)")
     return (f"Time on random layers of the {' and '.join(shapes)} shape (median of {layer['repeats']} rounds that "
             "run every method once, in a fresh process; ratios: median of the per-round ratios; each time is "
             "the whole `prune_linear` call, the reported error included; sparsegpt sweeps in float32 as its "
             "reference implementation; mrp sweeps in float32 and solves exactly — conjugate gradients with "
-            "bfloat16 products where the CPU has native bfloat16, refined with float32 then float64 "
-            "residuals — keeping its scratch buffers from call to call as `prune` does across layers"
+            "bfloat16 products where the hardware does them fast, refined with float32 then float64 "
+            "residuals"
+            + (" — keeping its scratch buffers from call to call as `prune` does across layers on a CPU"
+               if layer["environment"].get("device", "cpu") == "cpu" else "")
             + ("; spread inputs: a random mix plus noise, correlated ones: a power-law spectrum (k-th singular "
                "value 1/k) with log-normal channel scales, like real activations, where mrp iterates in the removed "
                "weights" if any(r.get("inputs") == "correlated" for r in layer["timings"]) else "")
-            + "):\n\n"
+            + weights + "):\n\n"
             + "\n".join(timing) + "\n\n" + _env(layer))
 
 
@@ -114,8 +119,10 @@ def prune_tables() -> str | None:
         parts.append("Layer level — relative error ‖WX − W'X‖²/‖WX‖² on the embedded model's own inputs "
                      "(in_proj and out_proj of three blocks), mean ratio to SparseGPT's (mrp: default, one swap "
                      "round; no swap: `swap_rounds=0`):\n\n" + "\n".join(lines) + "\n\n" + _timing_table(layer))
-    if large is not None:
-        parts.append(_timing_table(large))
+    for extra in [large] + [_load(name) for name in ("bench_prune_cpu_bf16.json", "bench_prune_cuda.json",
+                                                     "bench_prune_cuda_bf16.json")]:
+        if extra is not None:
+            parts.append(_timing_table(extra))
     if model is not None:
         md = (RESULTS / "prune_embedded.md").read_text().strip()
         proto = model["protocol"]

@@ -199,6 +199,34 @@ def test_auto_inner_precision_keeps_float32_on_small_layers(monkeypatch):
     assert {dtype for dtype, _ in calls} == {torch.float32}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_exact_solve_tolerance_follows_the_weight_dtype(dtype, monkeypatch):
+    """Half-precision weights are solved to a sixteenth of their epsilon (their rounding is far coarser
+    than float32's 5e-5), and the stored result is still the optimum of its mask up to that rounding."""
+    from ssm_reduce.prune import solvers
+
+    asked, real = [], solvers.exact_solve
+
+    def spy(*args, **kwargs):
+        if kwargs.get("residual_tol") is None:
+            asked.append(kwargs.get("tol", solvers.WEIGHT_TOL))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solvers, "exact_solve", spy)
+    w, h = correlated_problem(out=40, inp=48)
+    w = w.to(dtype)
+    new, mask, _ = prune_linear(w, h, method="mrp", sparsity=0.5)
+    eps = torch.finfo(dtype).eps
+    expected = {torch.float32: 5e-5, torch.float16: eps / 16, torch.bfloat16: eps / 16}[dtype]
+    assert asked and all(t == pytest.approx(expected) for t in asked)
+    assert new.dtype == dtype
+    damped = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(48, dtype=torch.float64)
+    optimum = _independent_solve(w.double(), mask, damped)
+    # the solve's tolerance plus the rounding of every weight to ``dtype`` (at most half an epsilon)
+    bound = expected + eps / 2
+    assert ((new.double() - optimum).norm(dim=1) / optimum.norm(dim=1)).max() < bound
+
+
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")], ids=["50%", "2:4"])
 def test_mrp_in_row_chunks_is_mrp_on_every_chunk(target, monkeypatch):
     """Rows are pruned in chunks of at most ``MRP_CHUNK_ELEMENTS`` (a memory bound): every chunk gets the

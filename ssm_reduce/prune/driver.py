@@ -252,7 +252,7 @@ def prune_model(
         nsamples, seqlen: calibration windows and their length (a cap for 2-D ``calib``).
         device: where each block is processed (default: the model's device); the model stays put.
         blocksize, damp: lazy-block width and Hessian damping (fraction of its mean diagonal).
-        swap_rounds: ``mrp`` only: at most this many swap rounds per layer (0 = none: 15-46% less
+        swap_rounds: ``mrp`` only: at most this many swap rounds per layer (0 = none: 13-46% less
             solve time, for a higher error on most layers; see ``eval/bench_prune.py``).
     Everything is validated before the first weight changes.
     """

@@ -28,10 +28,10 @@ Methods (all give exactly the same number of removed weights in every row, or va
      kept weights (``H_KK``) or, where a Lanczos estimate finds that far better conditioned, in the
      removed ones (``(H^-1)_PP``; strongly correlated inputs make ``H_KK`` thousands of times worse
      conditioned) — until every row's kept weights are provably within a relative 5e-5
-     (``WEIGHT_TOL``) of the exact optimum: ``|w' - w*| <= |residual| / lambda_min(H)``, with a floor on
-     lambda_min verified from the damping by a shifted Cholesky factorisation (direct batched
-     factorisation for any row that has not converged) — the sweep can never move kept weights left of
-     the current block, this does;
+     (``WEIGHT_TOL``; for bfloat16 weights 4.9e-4, ``weight_tolerance``) of the exact optimum:
+     ``|w' - w*| <= |residual| / lambda_min(H)``, with a floor on lambda_min verified from the damping
+     by a shifted Cholesky factorisation (direct batched factorisation for any row that has not
+     converged) — the sweep can never move kept weights left of the current block, this does;
   3. where it pays, swap rounds (``swap_rounds``, default 1): per row, removed weights whose freeing would gain more
      (g_i^2 / H_ii, g = gradient at the solution) than the cheapest kept weights cost to remove
      (w_j^2 / [H^-1]_jj) are swapped in (for N:M within the same group of M), the row is re-solved,
@@ -85,7 +85,8 @@ MRP_CHUNK_ELEMENTS = 1 << 24
 SWEEP_TOL = 1e-3
 SWEEP_MAX_ITER = 32
 # Exact solve: the guaranteed relative error of every row's kept weights (a row's loss then exceeds its
-# optimum by at most lambda_max(H) (WEIGHT_TOL |w*|)^2; half-precision weights round far coarser),
+# optimum by at most lambda_max(H) (WEIGHT_TOL |w*|)^2; for half-precision weights, which round far
+# coarser, ``weight_tolerance`` loosens it),
 # its refinement rounds, and the float32 inner solve's floor on relative tolerance.
 WEIGHT_TOL = 5e-5
 REFINEMENTS = 6
@@ -152,6 +153,14 @@ def check_target(sparsity, pattern, method) -> Optional[tuple[int, int]]:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     return None
+
+
+def weight_tolerance(dtype: torch.dtype) -> float:
+    """The exact solve's guaranteed relative accuracy for weights stored in ``dtype``: ``WEIGHT_TOL``,
+    or for half-precision weights a sixteenth of their epsilon (bfloat16: 4.9e-4, float16: 6.1e-5),
+    whose rounding of the result (up to half an epsilon per weight) is far coarser."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(WEIGHT_TOL, eps / 16)
 
 
 def check_swap_rounds(swap_rounds) -> None:
@@ -927,7 +936,8 @@ def _row_losses(w: torch.Tensor, w_new: torch.Tensor, wh: torch.Tensor, new_h: t
 
 
 def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv, group: Optional[int] = None,
-                fraction: float = 0.05, eig_floor: Optional[float] = None, work: Optional[dict] = None):
+                fraction: float = 0.05, eig_floor: Optional[float] = None, work: Optional[dict] = None,
+                tol: float = WEIGHT_TOL):
     """One swap round (module docstring, step 3); returns (mask, solution, solution @ H, losses, lower,
     taken, solved), where ``losses`` are the rows' ``(solution - w) H (solution - w)^T``, ``lower``
     lower bounds on their masks' optimal losses (``exact_solve``'s ``return_bound``), ``taken`` is True
@@ -986,7 +996,7 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
     w_c, wh_c = pick(w), pick(wh)
     if exact:
         trial, trial_h = exact_solve(w_c, pick(candidate), h_damped, hinv, start=pick(solution), wh=wh_c,
-                                     return_product=True, eig_floor=eig_floor, work=work)
+                                     return_product=True, eig_floor=eig_floor, work=work, tol=tol)
         trial_losses, trial_lower = _row_losses(w_c, trial, wh_c, trial_h, work), None
     else:
         trial, trial_h, trial_losses, trial_lower = exact_solve(
@@ -1001,7 +1011,7 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
         if unsure.numel():
             at = unsure if index is None else index[unsure]
             current, current_h = exact_solve(w[at], mask[at], h_damped, hinv, start=solution[at], wh=wh[at],
-                                             return_product=True, eig_floor=eig_floor, work=work)
+                                             return_product=True, eig_floor=eig_floor, work=work, tol=tol)
             current_losses = _row_losses(w[at], current, wh[at], current_h)
             solution[at], solution_h[at], losses[at], lower[at] = current, current_h, current_losses, current_losses
             improved[unsure] = trial_losses[unsure] < current_losses * (1 - 1e-9)
@@ -1030,10 +1040,10 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
     return mask, solution, solution_h, losses, lower, taken, solved
 
 
-def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, work):
+def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, work, tol):
     """``mrp`` on some rows of a weight (float64) given the damped Hessian ``h``, its inverse, the
     inverse's upper Cholesky factor and a verified floor on its smallest eigenvalue: the sweep, the
-    exact solve and the swap rounds (module docstring). Returns (new rows, their mask, their summed
+    exact solve (to ``tol``) and the swap rounds (module docstring). Returns (new rows, their mask, their summed
     damped loss, the sum of ``(w @ h) * w`` over them, how many rows took a swap)."""
     # in float32: the sweep only picks the mask and a starting point (the masks match float64's)
     swept, mask = _mrp_sweep(w.float(), upper.float(), sparsity, nm, blocksize)
@@ -1044,7 +1054,7 @@ def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, wo
                                                 residual_tol=SWAP_TOL, work=work, return_bound=True)
     else:
         new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True, eig_floor=floor,
-                                 work=work)
+                                 work=work, tol=tol)
         losses = _row_losses(w, new, wh, new_h, work)
     solved = None  # rows already holding their exact solution
     for round_ in range(swap_rounds):
@@ -1052,7 +1062,7 @@ def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, wo
         previous = float(losses.sum())
         mask, new, new_h, losses, lower, improved, solved = _swap_round(
             w, wh, mask, new, new_h, losses, lower, h, hinv, group=None if nm is None else nm[1],
-            eig_floor=floor if last else None, work=work)
+            eig_floor=floor if last else None, work=work, tol=tol)
         improved_rows += int(improved.sum())
         if not last:
             solved = None
@@ -1062,11 +1072,11 @@ def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, wo
         rest = None if solved is None or not bool(solved.any()) else (~solved).nonzero().flatten()
         if rest is None:
             new, new_h = exact_solve(w, mask, h, hinv, start=new, wh=wh, return_product=True, eig_floor=floor,
-                                     work=work)
+                                     work=work, tol=tol)
             losses = _row_losses(w, new, wh, new_h, work)
         elif rest.numel():
             new[rest], new_h[rest] = exact_solve(w[rest], mask[rest], h, hinv, start=new[rest], wh=wh[rest],
-                                                 return_product=True, eig_floor=floor, work=work)
+                                                 return_product=True, eig_floor=floor, work=work, tol=tol)
             losses[rest] = _row_losses(w[rest], new[rest], wh[rest], new_h[rest])
     return new, mask, losses.sum(), (wh * w).sum(), improved_rows
 
@@ -1131,6 +1141,7 @@ def prune_linear(
         else:
             # H = hessian + damping >= 0.9 x the smallest diagonal shift if hessian is PSD (verified)
             floor = _eig_floor(h, hinv, 0.9 * float((torch.diag(h) - torch.diag(hessian).double()).min()))
+            tol = weight_tolerance(weight.dtype)
             # rows in chunks (MRP_CHUNK_ELEMENTS; they are independent given H: only the memory changes)
             step = max(1, MRP_CHUNK_ELEMENTS // max(1, w.shape[1]))
             parts = [slice(begin, begin + step) for begin in range(0, w.shape[0], step)] or [slice(None)]
@@ -1142,7 +1153,7 @@ def prune_linear(
                 # scratch buffers shared by the solves (and, through ``workspace``, by later calls)
                 work = {} if workspace is None else workspace.setdefault((tuple(rows.shape), str(w.device)), {})
                 rows_new, rows_mask, rows_loss, rows_whw, improved = _mrp_rows(
-                    rows, h, hinv, upper, floor, sparsity or 0.0, nm, blocksize, swap_rounds, work)
+                    rows, h, hinv, upper, floor, sparsity or 0.0, nm, blocksize, swap_rounds, work, tol)
                 if len(parts) > 1:
                     new[part], mask[part] = rows_new, rows_mask
                     del rows_new, rows_mask  # (freed before the next chunk)
