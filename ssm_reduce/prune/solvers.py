@@ -1148,10 +1148,11 @@ def prune_linear(
             if len(parts) > 1:
                 new, mask = torch.empty_like(w), torch.empty(w.shape, dtype=torch.bool, device=w.device)
             loss = whw = 0.0
+            works = {}  # scratch buffers shared by the solves (and, through ``workspace``, by later calls)
             for part in parts:
                 rows = w[part]
-                # scratch buffers shared by the solves (and, through ``workspace``, by later calls)
-                work = {} if workspace is None else workspace.setdefault((tuple(rows.shape), str(w.device)), {})
+                key = (tuple(rows.shape), str(w.device))
+                work = works.setdefault(key, {} if workspace is None else workspace.setdefault(key, {}))
                 rows_new, rows_mask, rows_loss, rows_whw, improved = _mrp_rows(
                     rows, h, hinv, upper, floor, sparsity or 0.0, nm, blocksize, swap_rounds, work, tol)
                 if len(parts) > 1:
@@ -1161,7 +1162,8 @@ def prune_linear(
                     new, mask = rows_new, rows_mask
                 loss, whw = loss + rows_loss, whw + rows_whw
                 stats.swap_rows_improved += improved
-                for key in ("operators", "removed_operators", "space"):  # specific to this Hessian
+            for work in works.values():  # drop what is specific to this Hessian (shared by its chunks)
+                for key in ("operators", "removed_operators", "space"):
                     work.pop(key, None)
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
     if method == "mrp":
