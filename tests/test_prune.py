@@ -43,6 +43,13 @@ def space(request, monkeypatch):
     return request.param
 
 
+def damped_reference(h, damp=0.01):
+    """The damped Hessian every second-order method solves with (``damp`` times the mean diagonal added),
+    computed here independently of the solvers, in float64."""
+    h = h.double()
+    return h + damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+
+
 def power_law_problem(out=32, inp=96, tokens=384, alpha=1.0, seed=0):
     """Inputs with a power-law spectrum and spread channel scales (strongly correlated features, as in
     real models): the kept blocks of H are far worse conditioned than the removed blocks of H^-1."""
@@ -113,7 +120,7 @@ def test_mrp_kept_weights_are_the_least_squares_optimum(target, swap_rounds, inn
     new, mask, stats = prune_linear(w, h, method="mrp", swap_rounds=swap_rounds, **target)
     if swap_rounds:
         assert 0 < stats.swap_rows_improved  # the swap paths were taken
-    damped = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(48, dtype=torch.float64)
+    damped = damped_reference(h)
     for row in range(w.shape[0]):
         kept = (~mask[row]).nonzero().flatten()
         # independent solve: least squares  min || A (w'_K - ...) ||  via lstsq on the normal equations
@@ -137,7 +144,7 @@ def test_exact_solve_mixed_precision_reaches_float64_accuracy(max_iter, inner, s
     from ssm_reduce.prune.solvers import WEIGHT_TOL, exact_solve
 
     w, h = correlated_problem(out=24, inp=64, tokens=96)  # fewer tokens than 3/2 inputs: near-singular
-    damped = h.double() + 1e-6 * torch.diag(h.double()).mean() * torch.eye(64, dtype=torch.float64)
+    damped = damped_reference(h, damp=1e-6)
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(w.shape, generator=gen).argsort(1) < 32
     got = exact_solve(w, mask, damped, torch.linalg.inv(damped), max_iter=max_iter)
@@ -161,7 +168,7 @@ def test_exact_solve_inner_precision_is_what_was_asked(precision, monkeypatch):
     monkeypatch.setattr(solvers, "LOW_PRECISION", precision)
     calls = spy_inner_solves(monkeypatch)
     w, h = correlated_problem(out=48, inp=96)
-    damped = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(96, dtype=torch.float64)
+    damped = damped_reference(h)
     mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(4)).argsort(1) < 48
     got = solvers.exact_solve(w, mask, damped, torch.linalg.inv(damped))
     want = _independent_solve(w, mask, damped)
@@ -177,7 +184,7 @@ def test_rows_bfloat16_cannot_bring_down_continue_in_float32(monkeypatch):
     monkeypatch.setattr(solvers, "LOW_PRECISION", torch.bfloat16)
     calls = spy_inner_solves(monkeypatch)
     w, h = correlated_problem(out=24, inp=64, tokens=96)
-    damped = h.double() + 1e-6 * torch.diag(h.double()).mean() * torch.eye(64, dtype=torch.float64)
+    damped = damped_reference(h, damp=1e-6)
     mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)).argsort(1) < 32
     got = solvers.exact_solve(w, mask, damped, torch.linalg.inv(damped))
     want = _independent_solve(w, mask, damped)
@@ -220,7 +227,7 @@ def test_exact_solve_tolerance_follows_the_weight_dtype(dtype, monkeypatch):
     expected = {torch.float32: 5e-5, torch.float16: eps / 16, torch.bfloat16: eps / 16}[dtype]
     assert asked and all(t == pytest.approx(expected) for t in asked)
     assert new.dtype == dtype
-    damped = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(48, dtype=torch.float64)
+    damped = damped_reference(h)
     optimum = _independent_solve(w.double(), mask, damped)
     # the solve's tolerance plus the rounding of every weight to ``dtype`` (at most half an epsilon)
     bound = expected + eps / 2
@@ -242,7 +249,7 @@ def test_mrp_in_row_chunks_is_mrp_on_every_chunk(target, monkeypatch):
     new, mask, stats = prune_linear(w, h, method="mrp", workspace={}, **target)
     assert calls == [16, 16, 8]
     assert (mask.sum(1) == 24).all() and stats.sparsity == 0.5
-    damped = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(48, dtype=torch.float64)
+    damped = damped_reference(h)
     optimum = _independent_solve(w, mask, damped)
     assert ((new.double() - optimum).norm(dim=1) / optimum.norm(dim=1)).max() < 1e-4
     assert stats.relative_error == pytest.approx(relative_error(w, new, h), rel=1e-9)
@@ -275,7 +282,7 @@ def test_exact_solve_tolerance_is_what_it_promises(space):
     from ssm_reduce.prune.solvers import exact_solve
 
     w, h = correlated_problem(out=32, inp=64)
-    damped = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(64, dtype=torch.float64)
+    damped = damped_reference(h)
     gen = torch.Generator().manual_seed(2)
     mask = torch.rand(w.shape, generator=gen).argsort(1) < 32
     want = _independent_solve(w, mask, damped)
@@ -455,7 +462,7 @@ def test_joint_removal_matches_the_closed_form():
     from ssm_reduce.prune.solvers import _remove_jointly
 
     _, h = correlated_problem(inp=32, seed=4)
-    hinv = torch.linalg.inv(h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(32, dtype=torch.float64))
+    hinv = torch.linalg.inv(damped_reference(h))
     upper = torch.linalg.cholesky(hinv).mT  # hinv = U^T U
     gram = upper.T @ upper
     gen = torch.Generator().manual_seed(0)
@@ -492,7 +499,7 @@ def test_nm_sweep_picks_the_least_loss_candidate_set(nm):
     inp = m if m == 8 else 4 * m  # M = 8: one group, the whole row
     w, h = correlated_problem(out=48, inp=inp, seed=6)
     w = w.double()
-    hinv = torch.linalg.inv(h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(inp, dtype=torch.float64))
+    hinv = torch.linalg.inv(damped_reference(h))
     upper = torch.linalg.cholesky(hinv).mT  # hinv = U^T U
     swept, mask = _mrp_sweep(w.float(), upper.float(), 0.0, nm, 128)
     for row in range(w.shape[0]):
