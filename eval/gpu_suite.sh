@@ -10,7 +10,8 @@
 #            architectures, which takes far longer than the one a machine has); a few minutes on 16 cores
 #   ext      build and install ssm_reduce with its kernels (SSM_REDUCE_BUILD_CUDA=1), then `ssm-reduce info`
 #   kernels  tests/test_kernels.py, then compute-sanitizer's memcheck and racecheck on a small kernel run
-#   mamba    the mamba_ssm adapter tests (needs `deps`) and the 2:4 semi-structured test
+#   mamba    the mamba_ssm adapter tests (needs `deps`), the 2:4 semi-structured test and the
+#            pruning solvers on CUDA
 #   tests    the whole suite
 #   bench    eval/bench_kernels.py, eval/bench_prune.py (cuda), eval/speed.py --paper (figures to eval/results/)
 #   pack     eval/results/*.json and the logs into $PACK (default gpu-results.tar.gz)
@@ -82,7 +83,7 @@ stage_kernels() {
 }
 
 stage_mamba() {
-  "$PY" -m pytest -q -rs tests/test_patch_mamba_ssm.py tests/test_loading.py tests/test_prune.py -k "mamba_ssm or semi" \
+  "$PY" -m pytest -q -rs tests/test_patch_mamba_ssm.py tests/test_loading.py tests/test_prune.py -k "mamba_ssm or semi or cuda" \
     || return 1
 }
 

@@ -712,3 +712,64 @@ def test_second_order_methods_do_not_depend_on_the_hessian_scale_with_dead_input
         # sparsegpt sweeps in float32 (as the reference implementation): equal up to float32 rounding
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert stats_a.relative_error == pytest.approx(stats_b.relative_error, rel=1e-6)
+
+
+CUDA_REASON = "the GPU path of the solvers needs a CUDA device"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("problem", ["spread", "power-law"])
+@pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")], ids=["50%", "2:4"])
+def test_mrp_on_cuda_is_exact_and_as_good_as_on_the_cpu(target, problem, dtype, monkeypatch):
+    """On a GPU, mrp takes its CUDA path (bfloat16 inner products on compute capability 8.0+, 512 inputs
+    here so that "auto" uses them) and still ends every row at its mask's optimum; its masks may differ
+    from the CPU run's by rounding, its error may not."""
+    from ssm_reduce.prune import solvers
+
+    if problem == "spread":
+        w, h = correlated_problem(out=64, inp=512, tokens=4096, seed=3)
+    else:
+        w, h = power_law_problem(out=64, inp=512, tokens=4096, seed=3)
+    w = w.to(dtype)
+    calls = spy_inner_solves(monkeypatch)
+    new, mask, stats = prune_linear(w.cuda(), h.cuda(), method="mrp", **target)
+    assert new.is_cuda and mask.is_cuda and new.dtype == dtype
+    new, mask = new.cpu(), mask.cpu()
+    capability = torch.cuda.get_device_capability()[0]
+    assert {dtype for dtype, _ in calls} >= ({torch.bfloat16} if capability >= 8 else {torch.float32})
+    # exact sparsity per row, or valid N:M groups
+    if "sparsity" in target:
+        assert (mask.sum(1) == w.shape[1] // 2).all()
+    else:
+        assert (mask.view(w.shape[0], -1, 4).sum(-1) == 2).all()
+    assert bool((new[mask] == 0).all())
+    # every row at its mask's optimum (independent float64 solve on the CPU), up to the solve's
+    # tolerance and the rounding of the stored weights
+    optimum = _independent_solve(w.double(), mask, damped_reference(h))
+    eps = torch.finfo(dtype).eps
+    bound = solvers.weight_tolerance(dtype) + (eps / 2 if dtype != torch.float32 else 1e-6)
+    assert ((new.double() - optimum).norm(dim=1) / optimum.norm(dim=1)).max() < bound
+    # the reported error is the direct formula's (before the weights are rounded to their dtype), and
+    # matches the CPU run's
+    if dtype == torch.float32:
+        assert stats.relative_error == pytest.approx(relative_error(w, new, h), rel=1e-3)
+    cpu = prune_linear(w, h, method="mrp", **target)[2]
+    assert stats.relative_error == pytest.approx(cpu.relative_error, rel=0.02)
+    assert stats.relative_error <= 0.95 * prune_linear(w.cuda(), h.cuda(), method="sparsegpt", **target)[2].relative_error
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+@pytest.mark.parametrize("method", ["sparsegpt", "mrp"])
+def test_model_level_on_cuda(method):
+    model = FAMILIES["mamba2"](layers=2).cuda()
+    report = ssm_reduce.prune(model, random_tokens(1, 3000, seed=4)[0], sparsity=0.5, method=method,
+                              nsamples=4, seqlen=128, progress=False)
+    assert report.sparsity == pytest.approx(0.5)
+    assert all(layer.sparsity == pytest.approx(0.5) for layer in report.layers)
+    for layer in report.layers:
+        weight = model.get_submodule(layer.name).weight
+        assert weight.is_cuda and float((weight == 0).float().mean()) >= 0.5
+    with torch.no_grad():
+        logits = model(random_tokens(2, 64).cuda()).logits
+    assert torch.isfinite(logits).all()
