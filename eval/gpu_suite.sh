@@ -14,6 +14,8 @@
 #            pruning solvers on CUDA
 #   tests    the whole suite
 #   bench    eval/bench_kernels.py, eval/bench_prune.py (cuda), eval/speed.py --paper (figures to eval/results/)
+#   cpubench eval/bench_prune.py on the machine's CPU with all its cores (the layer-time ratios with
+#            more than the 2 threads of the CPU tables; to eval/results/bench_prune_cpu_<N>t.json)
 #   pack     eval/results/*.json and the logs into $PACK (default gpu-results.tar.gz)
 #
 # `deps` may run in the background while `ext` and `kernels` run:
@@ -97,6 +99,13 @@ stage_bench() {
     --out eval/results/bench_prune_cuda_bf16.json || rc=1
   "$PY" eval/speed.py --device cuda --dtype bfloat16 --paper --shapes mamba2-2.7b mamba-2.8b || rc=1
   return $rc
+}
+
+stage_cpubench() {
+  local threads
+  threads=$(nproc)
+  OMP_NUM_THREADS=$threads "$PY" eval/bench_prune.py --device cpu --repeats 7 \
+    --out "eval/results/bench_prune_cpu_${threads}t.json"
 }
 
 stage_pack() {

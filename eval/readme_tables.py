@@ -119,8 +119,10 @@ def prune_tables() -> str | None:
         parts.append("Layer level — relative error ‖WX − W'X‖²/‖WX‖² on the embedded model's own inputs "
                      "(in_proj and out_proj of three blocks), mean ratio to SparseGPT's (mrp: default, one swap "
                      "round; no swap: `swap_rounds=0`):\n\n" + "\n".join(lines) + "\n\n" + _timing_table(layer))
-    for extra in [large] + [_load(name) for name in ("bench_prune_cpu_bf16.json", "bench_prune_cuda.json",
-                                                     "bench_prune_cuda_bf16.json")]:
+    # (bench_prune_cpu_<N>t.json: the GPU suite's cpubench stage, every core of that machine)
+    many_threads = sorted(path.name for path in RESULTS.glob("bench_prune_cpu_*t.json"))
+    for extra in [large] + [_load(name) for name in ["bench_prune_cpu_bf16.json", *many_threads,
+                                                     "bench_prune_cuda.json", "bench_prune_cuda_bf16.json"]]:
         if extra is not None:
             parts.append(_timing_table(extra))
     if model is not None:
