@@ -773,3 +773,37 @@ def test_model_level_on_cuda(method):
     with torch.no_grad():
         logits = model(random_tokens(2, 64).cuda()).logits
     assert torch.isfinite(logits).all()
+
+
+def test_hessian_in_float32_products_matches_float64(monkeypatch):
+    """Where the Hessian's products run in float32 (GPUs), each batch's Gram matrix is summed in float64:
+    the result is the float64 Hessian up to float32 rounding, and the user's float32 matmul precision
+    setting is left as it was."""
+    from ssm_reduce.prune import driver
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 300, 48, generator=gen) * torch.linspace(0.1, 5.0, 48) for _ in range(3)]
+    reference = driver._HessianHook(48, "cpu")
+    for x in batches:
+        reference.add(x)
+    x_all = torch.cat([x.reshape(-1, 48) for x in batches]).double()
+    direct = 2 * x_all.T @ x_all / x_all.shape[0]
+    scale = torch.diag(direct).sqrt()
+
+    def relative(a):  # entrywise difference from ``direct``, relative to sqrt(H_ii H_jj)
+        return float(((a - direct) / (scale[:, None] * scale[None, :])).abs().max())
+
+    assert relative(reference.h) < 1e-13
+    monkeypatch.setattr(driver, "GRAM_FLOAT32_DEVICES", ("cpu",))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        fast = driver._HessianHook(48, "cpu")
+        for x in batches:
+            fast.add(x)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert fast.h.dtype == torch.float64 and fast.n == reference.n == 3600
+    assert relative(fast.h) < 1e-5
+    assert not torch.equal(fast.h, reference.h)  # the float32 path was taken
