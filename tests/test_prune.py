@@ -737,7 +737,7 @@ def test_mrp_on_cuda_is_exact_and_as_good_as_on_the_cpu(target, problem, dtype, 
     assert new.is_cuda and mask.is_cuda and new.dtype == dtype
     new, mask = new.cpu(), mask.cpu()
     capability = torch.cuda.get_device_capability()[0]
-    assert {dtype for dtype, _ in calls} >= ({torch.bfloat16} if capability >= 8 else {torch.float32})
+    assert {op_dtype for op_dtype, _ in calls} >= ({torch.bfloat16} if capability >= 8 else {torch.float32})
     # exact sparsity per row, or valid N:M groups
     if "sparsity" in target:
         assert (mask.sum(1) == w.shape[1] // 2).all()
