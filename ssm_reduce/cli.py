@@ -153,10 +153,12 @@ def cmd_prune(args) -> int:
 
     import ssm_reduce
     from .embedded import training_texts
+    from .prune.driver import check_batch_size
     from .prune.solvers import check_swap_rounds, check_target
 
     check_target(args.sparsity, args.pattern, args.method)
     check_swap_rounds(args.swap_rounds)
+    check_batch_size(args.batch_size)
     model, tokenizer = _load(args.model, args.device, args.dtype)
     if args.calib == "embedded":
         calib = training_texts(max_bytes=4 * args.nsamples * args.seqlen)

@@ -81,3 +81,5 @@ def test_prune_command_rejects_bad_pattern(capsys):
     assert "must keep 0 < N < M" in capsys.readouterr().err
     assert cli.main(["prune", "--sparsity", "0.5", "--swap-rounds", "-1"]) == 2
     assert "swap_rounds must be an integer >= 0" in capsys.readouterr().err
+    assert cli.main(["prune", "--sparsity", "0.5", "--batch-size", "0"]) == 2
+    assert "batch_size must be an integer >= 1" in capsys.readouterr().err

@@ -253,11 +253,23 @@ def test_mrp_in_row_chunks_is_mrp_on_every_chunk(target, monkeypatch):
 
     w, h = correlated_problem(out=40, inp=48)
     whole, whole_mask, whole_stats = prune_linear(w, h, method="mrp", **target)
+    assert not whole_stats.swaps_skipped
     calls, real = [], solvers._mrp_rows
-    monkeypatch.setattr(solvers, "_mrp_rows", lambda rows, *a: calls.append(rows.shape[0]) or real(rows, *a))
-    monkeypatch.setattr(solvers, "MRP_CHUNK_ELEMENTS", 16 * 48)  # 16 rows: chunks of 16, 16, 8
+    monkeypatch.setattr(solvers, "_mrp_rows", lambda rows, *a: calls.append((rows.shape[0], a[7])) or real(rows, *a))
+    monkeypatch.setattr(solvers, "MRP_CHUNK_ELEMENTS", 16 * 48)  # 16 rows: chunks of 16, 16 (and 8)
+    # with a swap trial of 8 rows: those, with and without swaps, then the other 32 in chunks (a row's
+    # loose solves, and so a borderline swap, can depend on the rows solved with it)
+    monkeypatch.setattr(solvers, "SWAP_TRIAL_ROWS", 8)
+    trial_new, trial_mask, trial_stats = prune_linear(w, h, method="mrp", **target)
+    assert calls == [(8, 1), (8, 0), (16, 1), (16, 1)]
+    assert_target_met(trial_mask, target)
+    assert max_row_error(trial_new, _independent_solve(w, trial_mask, damped_reference(h))) < 1e-4
+    assert float((trial_mask == whole_mask).all(1).float().mean()) >= 0.9
+    assert trial_stats.relative_error == pytest.approx(whole_stats.relative_error, rel=1e-2)
+    calls.clear()
+    monkeypatch.setattr(solvers, "SWAP_TRIAL_ROWS", 0)  # no trial: every row in chunks
     new, mask, stats = prune_linear(w, h, method="mrp", workspace={}, **target)
-    assert calls == [16, 16, 8]
+    assert calls == [(16, 1), (16, 1), (8, 1)]
     assert_target_met(mask, target)
     assert stats.sparsity == 0.5
     damped = damped_reference(h)
@@ -274,6 +286,8 @@ def test_mrp_in_row_chunks_is_mrp_on_every_chunk(target, monkeypatch):
 def test_workspace_reuse_changes_nothing():
     """Scratch buffers kept in a workspace across calls: bitwise the same results as fresh ones, and no
     result of an earlier call is overwritten by a later one."""
+    from ssm_reduce.prune import solvers
+
     space = {}
     first_w, h = correlated_problem(seed=6)
     second_w, _ = correlated_problem(seed=7)
@@ -283,9 +297,12 @@ def test_workspace_reuse_changes_nothing():
         for (a, mask_a, stats_a), (b, mask_b, stats_b) in zip(alone, shared):
             assert torch.equal(a, b) and torch.equal(mask_a, mask_b)
             assert stats_a.relative_error == stats_b.relative_error
-    assert list(space) == [(tuple(first_w.shape), "cpu")] and space[(tuple(first_w.shape), "cpu")]
-    kept = space[(tuple(first_w.shape), "cpu")]
-    assert not {"operators", "removed_operators", "space"} & set(kept)  # nothing tied to one Hessian is kept
+    # buffers for the swap trial's rows and for the others
+    trial = (solvers.SWAP_TRIAL_ROWS, first_w.shape[1])
+    rest = (first_w.shape[0] - solvers.SWAP_TRIAL_ROWS, first_w.shape[1])
+    assert sorted(space) == sorted([(trial, "cpu"), (rest, "cpu")]) and all(space.values())
+    for kept in space.values():  # nothing tied to one Hessian is kept
+        assert not {"operators", "removed_operators", "space"} & set(kept)
 
 
 def test_exact_solve_tolerance_is_what_it_promises(space):
@@ -432,7 +449,7 @@ def test_loose_solves_bound_the_optimal_loss_in_either_space(space):
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")], ids=["50%", "2:4"])
 @pytest.mark.parametrize("swap_rounds", [1, 3])
 @pytest.mark.parametrize("problem", ["spread", "power-law"])
-def test_swaps_never_leave_a_row_worse(problem, swap_rounds, target):
+def test_swaps_never_leave_a_row_worse(problem, swap_rounds, target, monkeypatch):
     """A row takes a swap only where that certainly lowers its optimal (damped) loss: row by row, the
     result is never worse than the sweep's mask solved exactly (no swap rounds), also where loose
     solutions are far off (ill-conditioned kept blocks)."""
@@ -440,12 +457,49 @@ def test_swaps_never_leave_a_row_worse(problem, swap_rounds, target):
 
     w, h = correlated_problem(out=48, inp=64) if problem == "spread" else power_law_problem(out=48, inp=96)
     damped = solvers._damped(h, 0.01)
+    # the rounds themselves (the trial may skip them where they raise the undamped error: power-law 2:4)
+    monkeypatch.setattr(solvers, "SWAP_TRIAL_ROWS", 0)
     base = _losses(prune_linear(w, h, method="mrp", swap_rounds=0, **target)[0].double(), w, damped)
     new, _, stats = prune_linear(w, h, method="mrp", swap_rounds=swap_rounds, **target)
     got = _losses(new.double(), w, damped)
     assert stats.swap_rows_improved > 0
     assert bool((got <= base * (1 + 1e-6)).all())
     assert float(got.sum()) < float(base.sum())
+
+
+def test_swap_trial_keeps_swaps_only_where_they_lower_the_error(monkeypatch):
+    """Before its swap rounds, mrp solves a sample of rows with and without them and keeps them for the
+    layer only where they lower the undamped error (the one the report shows; the rounds compare rows in
+    the damped loss, which on strongly correlated inputs can disagree)."""
+    from ssm_reduce.prune import solvers
+
+    def run(w, h, target, trial, **kwargs):
+        monkeypatch.setattr(solvers, "SWAP_TRIAL_ROWS", trial)
+        return prune_linear(w, h, method="mrp", **target, **kwargs)
+
+    # the trial covers every row: the layer gets the better of the two, bit for bit
+    for (w, h), target, skip in [(correlated_problem(out=48, inp=64), dict(sparsity=0.5), False),
+                                 (power_law_problem(out=48, inp=96, alpha=2.0), dict(pattern="2:4"), True)]:
+        forced, _, forced_stats = run(w, h, target, 0)  # swap rounds, no trial
+        plain, _, plain_stats = run(w, h, target, 0, swap_rounds=0)
+        new, mask, stats = run(w, h, target, 64)
+        assert stats.swaps_skipped is skip
+        assert torch.equal(new, plain if skip else forced)
+        swapped, unswapped = relative_error(w, forced, h), relative_error(w, plain, h)
+        assert (swapped >= unswapped) is skip  # an independent check of the decision
+        assert stats.relative_error == pytest.approx(min(swapped, unswapped), rel=1e-9)
+        assert bool(stats.notes) is skip and all("swap rounds skipped" in n for n in stats.notes)
+        assert (stats.swap_rows_improved > 0) is not skip
+    # 64 of 200 rows decide for all: skipped at 2:4 (they raise the error ~1% there), kept at 70% (-13%)
+    w, h = power_law_problem(out=200, inp=96)
+    for target, skip in [(dict(pattern="2:4"), True), (dict(sparsity=0.7), False)]:
+        new, mask, stats = run(w, h, target, 64)
+        assert stats.swaps_skipped is skip and (stats.swap_rows_improved > 0) is not skip
+        assert_target_met(mask, target)
+        assert max_row_error(new, _independent_solve(w, mask, damped_reference(h))) < 1e-4
+        reference = run(w, h, target, 0, swap_rounds=0 if skip else 1)  # the same variant on every row
+        assert float((mask == reference[1]).all(1).float().mean()) >= 0.9
+        assert stats.relative_error == pytest.approx(reference[2].relative_error, rel=1e-2)
 
 
 def test_eig_floor_is_a_verified_lower_bound():
@@ -563,6 +617,12 @@ def test_cholesky_failure_retries_with_more_damping():
         (dict(sparsity=0.5, method="obs"), "method='obs' is not supported"),
         (dict(sparsity=0.5, swap_rounds=-1), r"swap_rounds must be an integer >= 0"),
         (dict(sparsity=0.5, swap_rounds=1.5), r"swap_rounds must be an integer >= 0"),
+        (dict(sparsity=0.5, blocksize=0), r"blocksize must be an integer >= 1"),
+        (dict(sparsity=0.5, blocksize=-1), r"blocksize must be an integer >= 1"),
+        (dict(sparsity=0.5, damp=-0.5), r"damp must be a finite number >= 0"),
+        (dict(sparsity=0.5, damp=float("nan")), r"damp must be a finite number >= 0"),
+        (dict(sparsity=0.5, damp="0.01"), r"damp must be a finite number >= 0"),
+        (dict(pattern="8:24"), r"mrp scores all C\(24, 8\) = 735471 removal sets"),
     ],
 )
 def test_bad_targets(kwargs, match):
@@ -582,7 +642,7 @@ def test_model_level_errors_change_nothing():
     calib = random_tokens(1, 600)[0]
     with pytest.raises(ValueError, match="calib is too short: 600 tokens"):
         ssm_reduce.prune(model, calib, sparsity=0.5, seqlen=1024)
-    with pytest.raises(TypeError, match="only torch.nn.Linear layers can be pruned"):
+    with pytest.raises(TypeError, match=r"only torch.nn.Linear layers \(and transformers' Conv1D\) can be pruned"):
         ssm_reduce.prune(model, calib, sparsity=0.5, seqlen=64, filter_fn=lambda m, n: n.endswith("norm") or n.endswith("proj"))
     with pytest.raises(TypeError, match="filter_fn must be callable"):
         ssm_reduce.prune(model, calib, sparsity=0.5, seqlen=64, filter_fn="in_proj")
@@ -592,7 +652,90 @@ def test_model_level_errors_change_nothing():
         ssm_reduce.prune(model, calib, pattern="1:3", seqlen=64, filter_fn=lambda m, n: n.endswith("in_proj"))
     with pytest.raises(ValueError, match="no Linear layer has in_features divisible by 5"):
         ssm_reduce.prune(model, calib, pattern="1:5", seqlen=64)
+    for kwargs, match in [(dict(batch_size=0), "batch_size must be an integer >= 1"),
+                          (dict(batch_size=-1), "batch_size must be an integer >= 1"),
+                          (dict(device="nowhere"), "device='nowhere' is not a device")]:
+        with pytest.raises(ValueError, match=match):
+            ssm_reduce.prune(model, calib, sparsity=0.5, seqlen=64, **kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            ssm_reduce.prune(model, calib, sparsity=0.5, seqlen=64, device="cuda")
+    vocab = model.get_input_embeddings().num_embeddings
+    with pytest.raises(ValueError, match=rf"token ids outside the model's vocabulary \[0, {vocab}\): min \d+, max {vocab}"):
+        ssm_reduce.prune(model, torch.cat([torch.tensor([vocab]), calib]), sparsity=0.5, seqlen=64)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_model_level_error_midway_says_so_and_restores_the_mode(monkeypatch):
+    """An error in the middle of the run (here: a non-finite Hessian from the second layer on) names the
+    layer, says how many layers were already pruned, and leaves the model in the mode it was in."""
+    from ssm_reduce.prune import driver
+
+    model = FAMILIES["mamba2"](layers=2).train()
+    real, calls = driver.prune_linear, []
+
+    def failing(weight, hessian, **kwargs):
+        calls.append(1)
+        return real(weight, hessian if len(calls) == 1 else hessian * float("nan"), **kwargs)
+
+    monkeypatch.setattr(driver, "prune_linear", failing)
+    with pytest.raises(ValueError, match=r"backbone.layers.0.mixer.out_proj: hessian has non-finite entries") as info:
+        ssm_reduce.prune(model, random_tokens(1, 600)[0], sparsity=0.5, seqlen=64, nsamples=2, progress=False)
+    assert "stopped after pruning 1 Linear layers in place" in "".join(info.value.__notes__)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_solver_edge_inputs():
+    """Inputs at the edges: numpy scalars as sparsity, no rows, non-finite inputs (a clear error before
+    anything is computed, where the error would otherwise read 0), damp=0 on a singular Hessian (the retry
+    starts from 1e-3, not 10 x 0), and half-precision weights' error measured after rounding."""
+    import numpy as np
+
+    w, h = correlated_problem(out=16, inp=32)
+    for sparsity in (np.float32(0.5), np.float64(0.5)):
+        assert prune_linear(w, h, method="mrp", sparsity=sparsity)[2].sparsity == 0.5
+    assert prune_linear(w, h, method="wanda", sparsity=np.int64(0))[2].sparsity == 0.0
+    for method in METHODS:
+        new, mask, stats = prune_linear(torch.zeros(0, 32), h, method=method, sparsity=0.5)
+        assert new.shape == mask.shape == (0, 32) and stats.relative_error == 0.0
+        for bad_w, bad_h, name in [(w, h * float("nan"), "hessian"), (w.clone().fill_(float("inf")), h, "weight")]:
+            with pytest.raises(ValueError, match=f"{name} has non-finite entries"):
+                prune_linear(bad_w, bad_h, method=method, sparsity=0.5)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    singular = 2 * x.T @ x  # rank 8 of 32
+    for method in ("sparsegpt", "mrp"):
+        new, mask, stats = prune_linear(w, singular, method=method, sparsity=0.5, damp=0.0)
+        assert stats.cholesky_retries >= 1 and stats.damp >= 1e-3
+        assert "Cholesky failed with damp=0; retrying with damp=0.001" in stats.notes[0]
+        assert torch.isfinite(new).all() and stats.sparsity == 0.5
+    for dtype in (torch.bfloat16, torch.float16):
+        for method in ("sparsegpt", "mrp"):
+            new, _, stats = prune_linear(w.to(dtype), h, method=method, sparsity=0.5)
+            assert new.dtype == dtype
+            assert stats.relative_error == pytest.approx(relative_error(w.to(dtype), new, h), rel=1e-9)
+
+
+@pytest.mark.parametrize("pattern, blocksize", [("1:3", 128), ("2:6", 128), ("2:3", 128), ("2:4", 3), ("2:4", 10),
+                                                ("2:4", 50)])
+def test_sparsegpt_groups_never_straddle_blocks(pattern, blocksize):
+    """N:M groups whose M does not divide the lazy block width: every method still gives valid groups
+    (the sweeps round the block to whole groups)."""
+    w, h = correlated_problem(out=16, inp=96)
+    for method in METHODS:
+        new, mask, stats = prune_linear(w, h, method=method, pattern=pattern, blocksize=blocksize)
+        assert_target_met(mask, dict(pattern=pattern))
+        assert torch.equal(new == 0, mask | (w == 0))
+
+
+def test_short_calibration_stream_gives_its_windows_once():
+    from ssm_reduce.prune.driver import calibration_tokens
+
+    stream = torch.arange(1000)
+    windows = calibration_tokens(stream, None, nsamples=128, seqlen=300, seed=0)
+    assert torch.equal(windows, stream[:900].view(3, 300))
+    long = calibration_tokens(torch.arange(100000), None, nsamples=8, seqlen=300, seed=0)
+    assert long.shape == (8, 300) and all(bool((row[1:] - row[:-1] == 1).all()) for row in long)
 
 
 def tiny_llama():
@@ -604,16 +747,24 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("name", ["mamba2", "mamba", "llama"])
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=256)).eval()
+
+
+@pytest.mark.parametrize("name", ["mamba2", "mamba", "llama", "gpt2"])
 @pytest.mark.parametrize("target", [dict(sparsity=0.5), dict(pattern="2:4")], ids=["50%", "2:4"])
 def test_model_level(name, target):
-    model = tiny_llama() if name == "llama" else FAMILIES[name](layers=3)
+    model = {"llama": tiny_llama, "gpt2": tiny_gpt2}.get(name, lambda: FAMILIES[name](layers=3))()
     calib = random_tokens(1, 3000, seed=4)[0]
     lm_head = model.lm_head.weight.clone()
     embed = model.get_input_embeddings().weight.clone()
     report = ssm_reduce.prune(model, calib, method="mrp", nsamples=6, seqlen=96, progress=False, **target)
     expected = {"mamba2": {"in_proj", "out_proj"}, "mamba": {"in_proj", "x_proj", "dt_proj", "out_proj"},
-                "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}}[name]
+                "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+                "gpt2": {"c_attn", "c_proj", "c_fc"}}[name]  # GPT-2's transformers Conv1D layers
     if name == "mamba" and "pattern" in target:  # the tiny model's dt_proj has 2 inputs: no 2:4 fits
         expected = expected - {"dt_proj"}
         assert len(report.skipped) == 3 and "dt_proj" in report.skipped[0]
@@ -622,8 +773,15 @@ def test_model_level(name, target):
     named = dict(model.named_modules())
     for layer in report.layers:
         weight = named[layer.name].weight
+        if name == "gpt2":  # Conv1D stores (in, out): rows and N:M groups run along its first dimension
+            weight = weight.T
+        assert tuple(weight.shape) == layer.shape
         assert float((weight == 0).float().mean()) >= layer.sparsity - 1e-6
         assert layer.sparsity == pytest.approx(0.5, abs=0.05)
+        if "pattern" in target:
+            assert bool(((weight == 0).view(weight.shape[0], -1, 4).sum(-1) >= 2).all())
+        else:
+            assert bool(((weight == 0).sum(1) >= weight.shape[1] // 2).all())
     assert torch.equal(model.lm_head.weight, lm_head) and torch.equal(model.get_input_embeddings().weight, embed)
     with torch.no_grad():
         assert torch.isfinite(model(random_tokens(2, 40)).logits).all()

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .solvers import check_swap_rounds, check_target, prune_linear
+from .solvers import check_options, check_swap_rounds, check_target, prune_linear
 
 logger = logging.getLogger("ssm_reduce.prune")
 
@@ -112,9 +112,30 @@ def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     return best
 
 
-def select_targets(blocks: torch.nn.ModuleList, filter_fn: Optional[Callable]) -> list[list[tuple[str, torch.nn.Linear]]]:
-    """Per block, the (name, Linear) pairs to prune. Default: every Linear inside the blocks.
-    ``filter_fn(module, name) -> bool`` chooses instead; choosing a non-Linear is an error."""
+def _is_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and its kin): a Linear whose weight is stored (in, out)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        return False
+    return isinstance(module, Conv1D)
+
+
+def is_prunable(module: torch.nn.Module) -> bool:
+    """A ``torch.nn.Linear`` or a transformers ``Conv1D``."""
+    return isinstance(module, torch.nn.Linear) or _is_conv1d(module)
+
+
+def weight_view(module: torch.nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a Linear, or a transposed view of a ``Conv1D``'s (in, out) one; writing into
+    it writes the module's weight."""
+    return module.weight.data.T if _is_conv1d(module) else module.weight.data
+
+
+def select_targets(blocks: torch.nn.ModuleList, filter_fn: Optional[Callable]) -> list[list[tuple[str, torch.nn.Module]]]:
+    """Per block, the (name, module) pairs to prune. Default: every Linear (or transformers ``Conv1D``,
+    GPT-2's) inside the blocks. ``filter_fn(module, name) -> bool`` chooses instead; choosing anything
+    else is an error."""
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, name) -> bool, got {filter_fn!r}")
     out = []
@@ -123,10 +144,11 @@ def select_targets(blocks: torch.nn.ModuleList, filter_fn: Optional[Callable]) -
         for name, module in block.named_modules():
             if not name:
                 continue
-            keep = isinstance(module, torch.nn.Linear) if filter_fn is None else bool(filter_fn(module, name))
-            if keep and not isinstance(module, torch.nn.Linear):
+            keep = is_prunable(module) if filter_fn is None else bool(filter_fn(module, name))
+            if keep and not is_prunable(module):
                 raise TypeError(
-                    f"filter_fn selected {name} ({type(module).__name__}); only torch.nn.Linear layers can be pruned"
+                    f"filter_fn selected {name} ({type(module).__name__}); only torch.nn.Linear layers "
+                    "(and transformers' Conv1D) can be pruned"
                 )
             if keep:
                 chosen.append((name, module))
@@ -136,9 +158,16 @@ def select_targets(blocks: torch.nn.ModuleList, filter_fn: Optional[Callable]) -
     return out
 
 
+def check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (calibration windows per forward), got {batch_size!r}")
+
+
 def calibration_tokens(calib, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """(n, L) token windows: rows of a 2-D tensor (capped at ``nsamples`` x ``seqlen``), or ``nsamples``
-    random windows of ``seqlen`` tokens from a 1-D tensor or from texts tokenised with ``tokenizer``."""
+    random windows of ``seqlen`` tokens from a 1-D tensor or from texts tokenised with ``tokenizer`` —
+    from a stream shorter than ``nsamples * seqlen`` tokens, its consecutive windows instead (fewer than
+    ``nsamples``: random ones would repeat its tokens)."""
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"nsamples must be >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
     if isinstance(calib, str) or (isinstance(calib, Sequence) and calib and all(isinstance(t, str) for t in calib)):
@@ -165,6 +194,9 @@ def calibration_tokens(calib, tokenizer, nsamples: int, seqlen: int, seed: int) 
             f"calib is too short: {len(calib)} tokens, but one window needs seqlen={seqlen}; "
             "give more text or lower seqlen"
         )
+    if len(calib) < nsamples * seqlen:
+        count = len(calib) // seqlen
+        return calib[: count * seqlen].view(count, seqlen)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(calib) - seqlen + 1, (nsamples,), generator=gen)
     return torch.stack([calib[s : s + seqlen] for s in starts.tolist()])
@@ -287,6 +319,14 @@ def prune_model(
     """
     nm = check_target(sparsity, pattern, method)
     check_swap_rounds(swap_rounds)
+    check_options(blocksize, damp)
+    check_batch_size(batch_size)
+    try:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but CUDA is not available here")
     blocks_name, blocks = find_blocks(model)
     targets = select_targets(blocks, filter_fn)
     skipped = []
@@ -295,18 +335,25 @@ def prune_model(
         # (Mamba-1's narrow dt_proj, say) are skipped and reported; layers a filter_fn chose are an error.
         for i, block_targets in enumerate(targets):
             for name, linear in list(block_targets):
-                if linear.in_features % nm[1] == 0:
+                in_features = weight_view(linear).shape[1]
+                if in_features % nm[1] == 0:
                     continue
                 if filter_fn is not None:
                     raise ValueError(
-                        f"pattern {pattern!r} needs in_features divisible by {nm[1]}; {name} has {linear.in_features}"
+                        f"pattern {pattern!r} needs in_features divisible by {nm[1]}; {name} has {in_features}"
                     )
                 block_targets.remove((name, linear))
-                skipped.append(f"{blocks_name}.{i}.{name} (in_features {linear.in_features} not divisible by {nm[1]})")
+                skipped.append(f"{blocks_name}.{i}.{name} (in_features {in_features} not divisible by {nm[1]})")
         if not any(targets):
             raise ValueError(f"no Linear layer has in_features divisible by {nm[1]} for pattern {pattern!r}")
     tokens = calibration_tokens(calib, tokenizer, nsamples, seqlen, seed)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ValueError(
+            f"calib has token ids outside the model's vocabulary [0, {vocab}): min {int(tokens.min())}, "
+            f"max {int(tokens.max())}"
+        )
     report = PruneReport(
         method=method,
         target=f"pattern {pattern}" if pattern else f"sparsity {sparsity}",
@@ -318,40 +365,57 @@ def prune_model(
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    inputs = _capture_inputs(model, blocks, tokens, batch_size, device)
-    # mrp's scratch buffers, kept from layer to layer of the same shape on a CPU (CUDA's caching
-    # allocator already reuses memory); dropped when the run ends
-    workspace = {} if method == "mrp" and device.type == "cpu" else None
-    bar = tqdm(range(len(blocks)), desc=f"pruning {method}", disable=not progress)
-    for i in bar:
-        block = blocks[i]
-        home = next(block.parameters()).device
-        block.to(device)
-        hooks, handles = {}, []
-        for name, linear in targets[i]:
-            hooks[name] = _HessianHook(linear.in_features, device)
-            handles.append(_register_input_hook(block, name, linear, hooks[name]))
-        for args, kwargs in inputs:
-            block(*args, **kwargs)
-        for handle in handles:
-            handle.remove()
-        for name, linear in targets[i]:
-            new, _, stats = prune_linear(
-                linear.weight.data, hooks[name].h, sparsity=sparsity, pattern=pattern, method=method,
-                blocksize=blocksize, damp=damp, swap_rounds=swap_rounds, workspace=workspace,
-            )
-            linear.weight.data.copy_(new)
-            report.layers.append(LayerReport(
-                name=f"{blocks_name}.{i}.{name}", shape=tuple(linear.weight.shape), sparsity=stats.sparsity,
-                relative_error=stats.relative_error, seconds=stats.seconds, damp=stats.damp,
-                cholesky_retries=stats.cholesky_retries, notes=list(stats.notes),
-            ))
-            if stats.cholesky_retries:
-                logger.warning("%s: %s", name, "; ".join(stats.notes))
-        inputs = [((_first(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
-        block.to(home)
-        bar.set_postfix(error=f"{report.layers[-1].relative_error:.3g}")
-    model.train(was_training)
+    done = 0  # Linears pruned so far (for the message of an error in the middle of the run)
+    try:
+        inputs = _capture_inputs(model, blocks, tokens, batch_size, device)
+        # mrp's scratch buffers, kept from layer to layer of the same shape on a CPU (CUDA's caching
+        # allocator already reuses memory); dropped when the run ends
+        workspace = {} if method == "mrp" and device.type == "cpu" else None
+        bar = tqdm(range(len(blocks)), desc=f"pruning {method}", disable=not progress)
+        for i in bar:
+            block = blocks[i]
+            home = next(block.parameters()).device
+            block.to(device)
+            hooks, handles = {}, []
+            try:
+                for name, linear in targets[i]:
+                    hooks[name] = _HessianHook(weight_view(linear).shape[1], device)
+                    handles.append(_register_input_hook(block, name, linear, hooks[name]))
+                for args, kwargs in inputs:
+                    block(*args, **kwargs)
+                for handle in handles:
+                    handle.remove()
+                for name, linear in targets[i]:
+                    weight = weight_view(linear)
+                    try:
+                        new, _, stats = prune_linear(
+                            weight, hooks[name].h, sparsity=sparsity, pattern=pattern, method=method,
+                            blocksize=blocksize, damp=damp, swap_rounds=swap_rounds, workspace=workspace,
+                        )
+                    except (ValueError, RuntimeError) as err:
+                        raise type(err)(f"{blocks_name}.{i}.{name}: {err}") from err
+                    weight.copy_(new)
+                    done += 1
+                    report.layers.append(LayerReport(
+                        name=f"{blocks_name}.{i}.{name}", shape=tuple(weight.shape), sparsity=stats.sparsity,
+                        relative_error=stats.relative_error, seconds=stats.seconds, damp=stats.damp,
+                        cholesky_retries=stats.cholesky_retries, notes=list(stats.notes),
+                    ))
+                    if stats.cholesky_retries:
+                        logger.warning("%s: %s", name, "; ".join(stats.notes))
+                inputs = [((_first(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+            finally:
+                for handle in handles:
+                    handle.remove()
+                block.to(home)
+            bar.set_postfix(error=f"{report.layers[-1].relative_error:.3g}")
+    except BaseException as err:
+        if done:
+            err.add_note(f"ssm_reduce.prune stopped after pruning {done} Linear layers in place; "
+                         "the model is partly pruned")
+        raise
+    finally:
+        model.train(was_training)
     report.seconds = time.perf_counter() - start
     return report
 
