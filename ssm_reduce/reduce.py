@@ -177,7 +177,8 @@ def budgets(state: TokenState, keep_ratio: float, method: str) -> torch.Tensor:
     """(B,) number of real tokens each row removes at an anchor.
 
     ``round(n_real * (1 - keep_ratio))`` from the row's own real length, capped by what the method can
-    remove: bipartite methods at most the size of their source half, the others every candidate.
+    remove: bipartite methods at most the size of their source half, the others every candidate but
+    one real token (a row never loses all of its tokens).
     """
     candidates = (state.valid & ~state.protected).sum(1)
     wanted = torch.floor(state.n_real.double() * (1.0 - keep_ratio) + 0.5).long()
@@ -186,7 +187,7 @@ def budgets(state: TokenState, keep_ratio: float, method: str) -> torch.Tensor:
     elif method == "tome":
         cap = torch.where(candidates >= 2, (candidates + 1) // 2, torch.zeros_like(candidates))
     else:
-        cap = candidates
+        cap = torch.minimum(candidates, (state.n_real - 1).clamp_min(0))
     return torch.minimum(wanted, cap)
 
 

@@ -160,6 +160,23 @@ def test_model_args_parsing():
         reduce_config_from_args({"causal": "maybe"})
     with pytest.raises(ValueError, match="method='x' is not supported"):
         reduce_config_from_args({"method": "x"})
+    with pytest.raises(ValueError, match="keep_ratio must be a number, got 'abc'"):
+        reduce_config_from_args({"keep_ratio": "abc"})
+    with pytest.raises(ValueError, match="protect_last must be an integer, got 'x'"):
+        reduce_config_from_args({"protect_last": "x"})
+
+
+def test_a_method_that_removes_scored_positions_is_refused(model_and_tokenizer, task_dir):
+    """tor-official protects nothing (as the official code): where it removes a scored position, the
+    model stops with an error instead of scoring that position from missing (zero) logits."""
+    model, tok = model_and_tokenizer
+    lm = ReducedLM(pretrained=model, tokenizer=tok, batch_size=8, device="cpu", method="tor-official",
+                   keep_ratio=0.5, layers="1|3|5")
+    try:
+        with pytest.raises(RuntimeError, match=r"method 'tor-official' removed \d+ scored positions"):
+            loglikelihoods(lm, task_dir)
+    finally:
+        ssm_reduce.remove(model)
 
 
 def test_cli_passes_lm_eval_flags_through(model_and_tokenizer, task_dir, tmp_path):

@@ -115,6 +115,24 @@ def test_rows_do_not_depend_on_the_batch(family, method):
         torch.testing.assert_close(alone.logits[0], batched.logits[b], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["evit", "random", "recent"])
+@torch.no_grad()
+def test_a_row_never_loses_all_its_tokens(family, method):
+    """Aggressive ratios with nothing protected: every row keeps at least one real token at every anchor
+    (a short row in a padded batch too), and the forward and generate run."""
+    model = FAMILIES[family]()
+    ssm_reduce.apply(model, method=method, keep_ratio=0.3, layers=[1, 2, 3], protect_last=0)
+    out = model(random_tokens(1, 10))
+    assert out.logits.shape[1] >= 1 and ssm_reduce.stats(model)["kept_per_row"] == [1]
+    ids = random_tokens(2, 30)
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :24] = 0  # row 1: 6 real tokens
+    out = model(ids, attention_mask=mask)
+    assert min(ssm_reduce.stats(model)["kept_per_row"]) >= 1
+    assert int(out.kept_positions[1].max()) >= 24  # a real token of the short row
+    assert model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0).shape == (2, 32)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @torch.no_grad()
 def test_padding_does_not_change_a_row(family, side):

@@ -50,9 +50,15 @@ def reduce_config_from_args(args: dict) -> ReduceConfig:
             elif isinstance(value, int):
                 value = [value]
         elif name in _FLOAT_FIELDS and isinstance(value, (str, int)) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{name} must be a number, got {value!r}") from None
         elif name in _INT_FIELDS and isinstance(value, str):
-            value = int(value)
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, got {value!r}") from None
         elif name in _BOOL_FIELDS and isinstance(value, str):
             if value.lower() not in ("true", "false"):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -137,7 +143,16 @@ class ReducedLM(HFLM):
             ssm_reduce.protect(self.model, protect),
         ):
             out = self.model(inps, attention_mask=attention)
-        return scatter_to_positions(out.logits, out.kept_positions, inps.shape[1])
+        full = scatter_to_positions(out.logits, out.kept_positions, inps.shape[1])
+        kept = torch.zeros(inps.shape[0], inps.shape[1] + 1, dtype=torch.bool, device=protect.device)
+        kept.scatter_(1, torch.where(out.kept_positions >= 0, out.kept_positions, inps.shape[1]).to(protect.device), True)
+        missing = int((protect & ~kept[:, :-1]).sum())
+        if missing:  # only a method that ignores protection gets here (tor-official, as the official code)
+            raise RuntimeError(
+                f"ssm_reduce: method {self.reduce_config.method!r} removed {missing} scored positions of this batch "
+                "(it ignores ssm_reduce.protect); lm-eval cannot score them correctly. Use another method."
+            )
+        return full
 
 
 def scatter_to_positions(logits: torch.Tensor, kept: torch.Tensor, seq_len: int) -> torch.Tensor:

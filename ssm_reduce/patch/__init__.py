@@ -99,6 +99,9 @@ def protect(model: torch.nn.Module, mask):
     """Within the block, positions where ``mask`` (bool [B, N]) is True survive every anchor: never
     removed, never merged into. Every multi-token forward inside must have input shape [B, N].
     On an unpatched (dense) model nothing is ever removed, so this only validates ``mask``.
+    The one exception is ``method="tor-official"``, which reproduces the official code and, like it,
+    protects nothing (the lm-eval model and ``windowed_perplexity`` refuse a batch where it removed a
+    scored position).
     """
     adapter_for(model)
     if not isinstance(mask, torch.Tensor):
