@@ -28,6 +28,25 @@ def test_no_reduction_is_bit_identical(model):
 
 
 @torch.no_grad()
+def test_deepcopy_of_a_patched_model_is_independent(model):
+    """A deep copy of a patched model reduces on its own (its capture hooks feed its own runtime), and
+    removing the patch from the copy leaves the original patched."""
+    import copy
+
+    ids = random_tokens(2, 48)
+    dense = model(ids).logits
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7, layers=[1, 3])
+    reduced = model(ids)
+    twin = copy.deepcopy(model)
+    out = twin(ids)
+    assert torch.equal(out.logits, reduced.logits) and torch.equal(out.kept_positions, reduced.kept_positions)
+    assert ssm_reduce.stats(twin)["kept_per_row"] == ssm_reduce.stats(model)["kept_per_row"]
+    ssm_reduce.remove(twin)
+    assert torch.equal(twin(ids).logits, dense)
+    assert torch.equal(model(ids).logits, reduced.logits)
+
+
+@torch.no_grad()
 def test_remove_restores_exactly(model):
     cls, state = type(model), state_dict_copy(model)
     ids = random_tokens(2, 48)
@@ -198,6 +217,22 @@ def test_decoding_after_reduced_prefill_matches_full_forward(family, method):
     assert torch.equal(full.kept_positions[:, -steps:], torch.arange(36, 36 + steps).expand(2, steps))
     step_logits = torch.stack(gen.logits, 1)
     torch.testing.assert_close(full.logits[:, -steps - 1 : -1], step_logits, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_generate_without_cache_reduces_only_the_prompt(family):
+    """generate(use_cache=False) would run a full forward per step, reducing the generated tokens too: it
+    generates with the cache instead (with a warning), so the tokens are those of use_cache=True."""
+    model = FAMILIES[family]()
+    ids, mask = left_padded(2, 30, [0, 5], seed=4)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.6)
+    cached = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    prompt_stats = ssm_reduce.stats(model)["kept_per_row"]
+    with pytest.warns(UserWarning, match=r"generate\(use_cache=False\) would reduce"):
+        uncached = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                  use_cache=False)
+    assert torch.equal(uncached, cached)
+    assert ssm_reduce.stats(model)["kept_per_row"] == prompt_stats  # stats describe the prompt
 
 
 @torch.no_grad()

@@ -125,14 +125,16 @@ def anchor_scan_mamba1(session, host_fn, u, delta, A, B, C, D, z, delta_bias):
     return y, final_state
 
 
-def capture_hook(runtime: Runtime, name: str):
-    """A forward pre-hook that hands its module's first input to the open session as ``name``."""
+class capture_hook:
+    """A forward pre-hook that hands its module's first input to the open session as ``name``. An object,
+    not a closure: ``copy.deepcopy`` of a patched model then gives the copy's hooks the copy's runtime."""
 
-    def hook(module, args):
-        if runtime.session is not None:
-            runtime.session.capture(name, args[0])
+    def __init__(self, runtime: Runtime, name: str):
+        self.runtime, self.name = runtime, name
 
-    return hook
+    def __call__(self, module, args):
+        if self.runtime.session is not None:
+            self.runtime.session.capture(self.name, args[0])
 
 
 class Adapter:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 from functools import lru_cache
 
 import torch
@@ -100,6 +101,18 @@ class _CausalLMMixin:
             out = type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
         out["kept_positions"] = kept
         return out
+
+    def generate(self, *args, **kwargs):
+        # Without a cache every step is a full forward, which would reduce prompt and generated tokens
+        # anew at each step: generate with the cache instead (prefill reduced, decode untouched; a dense
+        # model gives the same tokens either way).
+        runtime: Runtime = runtime_of(self)
+        config = kwargs.get("generation_config") or getattr(self, "generation_config", None)
+        if runtime.resolved.anchors and kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+            warnings.warn("ssm_reduce: generate(use_cache=False) would reduce the whole sequence again at every "
+                          "step; generating with use_cache=True (prefill reduced, decode untouched)", stacklevel=2)
+            kwargs["use_cache"] = True
+        return super().generate(*args, **kwargs)
 
 
 class _BackboneMixin:
