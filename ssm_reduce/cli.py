@@ -153,12 +153,10 @@ def cmd_prune(args) -> int:
 
     import ssm_reduce
     from .embedded import training_texts
-    from .prune.driver import check_batch_size
     from .prune.solvers import check_swap_rounds, check_target
 
     check_target(args.sparsity, args.pattern, args.method)
     check_swap_rounds(args.swap_rounds)
-    check_batch_size(args.batch_size)
     model, tokenizer = _load(args.model, args.device, args.dtype)
     if args.calib == "embedded":
         calib = training_texts(max_bytes=4 * args.nsamples * args.seqlen)
@@ -220,13 +218,38 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here")
+    return text
+
+
 def _model_options(parser, methods, default_method: str, reduction: bool) -> None:
     parser.add_argument("--model", default="embedded",
                         help="'embedded', a HF or mamba_ssm checkpoint directory, or a hub id")
     parser.add_argument("--method", default=default_method, choices=methods)
     if reduction:
         parser.add_argument("--flops-reduction", type=float, default=0.2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=_device)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
 
 
@@ -237,17 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="dense vs reduced on the embedded model (offline, seconds on CPU)")
     _model_options(demo, ssm_reduce.METHODS, "utr", reduction=True)
-    demo.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")
-    demo.add_argument("--new-tokens", type=int, default=48)
-    demo.add_argument("--repeats", type=int, default=3)
+    demo.add_argument("--tokens", type=_at_least(2), default=1024, help="prompt length in tokens")
+    demo.add_argument("--new-tokens", type=_at_least(1), default=48)
+    demo.add_argument("--repeats", type=_at_least(1), default=3)
     demo.set_defaults(func=cmd_demo)
     ppl = sub.add_parser("ppl", help="windowed perplexity, dense vs reduced (reduce the context, score the suffix)")
     _model_options(ppl, ssm_reduce.METHODS, "utr", reduction=True)
-    ppl.add_argument("--window", type=int, default=1024)
-    ppl.add_argument("--scored", type=int, default=128)
-    ppl.add_argument("--windows", type=int, default=64, help="at most this many windows")
+    ppl.add_argument("--window", type=_at_least(2), default=1024)
+    ppl.add_argument("--scored", type=_at_least(1), default=128)
+    ppl.add_argument("--windows", type=_at_least(1), default=64, help="at most this many windows")
     ppl.add_argument("--text-file", default=None, help="default: the held-out standard-library files")
-    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--batch-size", type=_at_least(1), default=8)
     ppl.set_defaults(func=cmd_ppl)
     prune = sub.add_parser("prune", help="one-shot weight pruning (magnitude, wanda, sparsegpt, mrp)")
     _model_options(prune, ("magnitude", "wanda", "sparsegpt", "mrp"), "mrp", reduction=False)
@@ -255,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--sparsity", type=float, help="unstructured fraction of each row, in [0, 1)")
     target.add_argument("--pattern", help="N:M, e.g. 2:4")
     prune.add_argument("--calib", default="embedded", help="a text file, or 'embedded' (the embedded model's training text)")
-    prune.add_argument("--nsamples", type=int, default=128)
-    prune.add_argument("--seqlen", type=int, default=2048)
-    prune.add_argument("--batch-size", type=int, default=8)
+    prune.add_argument("--nsamples", type=_at_least(1), default=128)
+    prune.add_argument("--seqlen", type=_at_least(2), default=2048)
+    prune.add_argument("--batch-size", type=_at_least(1), default=8)
     prune.add_argument("--swap-rounds", type=int, default=1,
                        help="mrp: swap rounds per layer after the exact solve (0 = none: 13-46%% less time on the benchmarked layers, higher error on most)")
     prune.add_argument("--out", default=None, help="directory for the pruned model (save_pretrained) and report")

@@ -57,6 +57,28 @@ def _field(config: dict, key: str, path: Path, kind=int):
     return value
 
 
+def _check_types(ssm_cfg: dict, defaults: dict, path: Path) -> None:
+    """Every ``ssm_cfg`` value of the kind its default has (an integer, a number, a flag, a pair)."""
+    for key, value in ssm_cfg.items():
+        default = defaults[key]
+        if default is None or (key == "dt_rank" and value == "auto"):
+            ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+            kind = "a positive integer or null" if default is None else "a positive integer or 'auto'"
+        elif isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int) or key == "dt_rank":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            kind = "a positive integer" if key != "dt_rank" else "a positive integer or 'auto'"
+        elif isinstance(default, float):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:  # a (low, high) pair
+            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            kind = "a pair of numbers"
+        if not ok:
+            raise CheckpointError(f"{path}: ssm_cfg key {key!r} must be {kind}, got {value!r}")
+
+
 def hf_config_from_mamba_ssm(config: dict, path: Path):
     """The transformers config equivalent to a mamba_ssm ``config.json`` (FACTS: n_groups and tied
     embeddings must be set explicitly, transformers defaults them differently)."""
@@ -66,7 +88,10 @@ def hf_config_from_mamba_ssm(config: dict, path: Path):
     multiple = config.get("pad_vocab_size_multiple", 8)
     if vocab % multiple:
         vocab += multiple - vocab % multiple
-    ssm_cfg = dict(config.get("ssm_cfg") or {})
+    ssm_cfg = config.get("ssm_cfg") or {}
+    if not isinstance(ssm_cfg, dict):
+        raise CheckpointError(f"{path}: key 'ssm_cfg' must be an object of layer options, got {ssm_cfg!r}")
+    ssm_cfg = dict(ssm_cfg)
     if config.get("attn_layer_idx") or config.get("d_intermediate", 0):
         raise CheckpointError(
             f"{path}: attention layers (attn_layer_idx) or MLP blocks (d_intermediate) have no transformers "
@@ -83,6 +108,7 @@ def hf_config_from_mamba_ssm(config: dict, path: Path):
         unknown = set(ssm_cfg) - set(MAMBA2_DEFAULTS)
         if unknown:
             raise CheckpointError(f"{path}: ssm_cfg keys {sorted(unknown)} are not supported for Mamba2 layers")
+        _check_types(ssm_cfg, MAMBA2_DEFAULTS, path)
         c = {**MAMBA2_DEFAULTS, **ssm_cfg}
         d_inner = c["expand"] * d_model
         if c["d_ssm"] not in (None, d_inner) or c["D_has_hdim"] or not c["rmsnorm"] or c["norm_before_gate"]:
@@ -104,6 +130,7 @@ def hf_config_from_mamba_ssm(config: dict, path: Path):
     unknown = set(ssm_cfg) - set(MAMBA1_DEFAULTS)
     if unknown:
         raise CheckpointError(f"{path}: ssm_cfg keys {sorted(unknown)} are not supported for Mamba layers")
+    _check_types(ssm_cfg, MAMBA1_DEFAULTS, path)
     c = {**MAMBA1_DEFAULTS, **ssm_cfg}
     from transformers import MambaConfig
 
@@ -227,6 +254,8 @@ def load_model(path_or_id: Union[str, Path], *, device=None, dtype: Optional[tor
     if host not in ("auto", "transformers", "mamba_ssm"):
         raise ValueError(f"host must be 'auto', 'transformers' or 'mamba_ssm', got {host!r}")
     if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must be a torch dtype or its name (float32, bfloat16, float16), got {dtype!r}")
         dtype = getattr(torch, dtype)
     directory = _local_dir(resolve_model_name(str(path_or_id)))
     config = _read_json(directory / "config.json")
@@ -237,7 +266,13 @@ def load_model(path_or_id: Union[str, Path], *, device=None, dtype: Optional[tor
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{directory}: its weights file needs more than plain tensors to load (refused, nothing of it "
+                f"was run; only safetensors or weights-only pickles load): {err}"
+            ) from None
     return model.to(device) if device is not None else model
 
 

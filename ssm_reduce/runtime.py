@@ -201,10 +201,27 @@ class Runtime:
         self.session = Session(self, state, mask_dtype)
         return self.session
 
-    def finish(self, session: Optional[Session]) -> None:
-        """Close the session; keep its statistics and plans as the last forward's."""
+    def finish(self, session: Optional[Session], positions: Optional[torch.Tensor] = None) -> None:
+        """Close the session; keep its statistics and plans as the last forward's. A multi-token forward
+        of a model with nothing to reduce (no anchors) is recorded too, from ``positions``, its
+        (B, N) kept positions (``kept_positions_for``)."""
         self.session = None
         if session is None:
+            if positions is not None and not self.resolved.anchors and positions.shape[1] > 1:
+                real = (positions >= 0).sum(1)
+                resolved = self.resolved
+                self.last_stats = {
+                    "tokens_per_layer": [float(real.double().mean())] * resolved.num_layers,
+                    "realised_flops_reduction": 0.0,
+                    "target_flops_reduction": resolved.target_flops_reduction,
+                    "kept_per_row": real.tolist(),
+                    "input_tokens_per_row": real.tolist(),
+                    "kept_positions": positions,
+                    "anchors": [],
+                    "keep_ratio": resolved.keep_ratio,
+                    "method": resolved.config.method,
+                }
+                self.last_plans = {}
             return
         self.last_stats = session.summary()
         self.last_plans = dict(session.plans)

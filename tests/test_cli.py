@@ -81,5 +81,29 @@ def test_prune_command_rejects_bad_pattern(capsys):
     assert "must keep 0 < N < M" in capsys.readouterr().err
     assert cli.main(["prune", "--sparsity", "0.5", "--swap-rounds", "-1"]) == 2
     assert "swap_rounds must be an integer >= 0" in capsys.readouterr().err
-    assert cli.main(["prune", "--sparsity", "0.5", "--batch-size", "0"]) == 2
-    assert "batch_size must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--sparsity", "0.5", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["prune", "--sparsity", "0.5", "--seqlen", "x"], "argument --seqlen: must be an integer >= 2, got 'x'"),
+    (["demo", "--tokens", "0"], "argument --tokens: must be an integer >= 2, got 0"),
+    (["demo", "--tokens", "-5"], "argument --tokens: must be an integer >= 2, got -5"),
+    (["demo", "--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
+    (["demo", "--new-tokens", "0"], "argument --new-tokens: must be an integer >= 1, got 0"),
+    (["ppl", "--windows", "0"], "argument --windows: must be an integer >= 1, got 0"),
+    (["demo", "--device", "bogus"], "argument --device: 'bogus' is not a device"),
+])
+def test_bad_numbers_and_devices_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cuda_device_is_refused_where_there_is_none(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--device", "cuda"])
+    assert "argument --device: 'cuda': CUDA is not available here" in capsys.readouterr().err

@@ -155,6 +155,17 @@ def test_errors_name_the_file_and_key(tmp_path):
     (ckpt / "config.json").write_text(json.dumps({**config, "attn_layer_idx": [1]}))
     with pytest.raises(CheckpointError, match="attention layers"):
         ssm_reduce.load_model(ckpt)
+    for ssm_cfg, match in [("abc", r"key 'ssm_cfg' must be an object of layer options, got 'abc'"),
+                           ({**config["ssm_cfg"], "d_state": "8"}, r"ssm_cfg key 'd_state' must be a positive integer, got '8'"),
+                           ({**config["ssm_cfg"], "rmsnorm": 1}, r"ssm_cfg key 'rmsnorm' must be true or false, got 1"),
+                           ({**config["ssm_cfg"], "dt_limit": [0.0]}, r"ssm_cfg key 'dt_limit' must be a pair of numbers"),
+                           ({"layer": "Mamba1", "dt_rank": "big"}, r"ssm_cfg key 'dt_rank' must be a positive integer or 'auto'")]:
+        (ckpt / "config.json").write_text(json.dumps({**config, "ssm_cfg": ssm_cfg}))
+        with pytest.raises(CheckpointError, match=r"config.json: " + match):
+            ssm_reduce.load_model(ckpt)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="dtype must be a torch dtype or its name"):
+        ssm_reduce.load_model(ckpt, dtype="float33")
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"config.json: missing"):
         ssm_reduce.load_model(ckpt)
@@ -172,6 +183,18 @@ class UnsafeObject:
     def _run():
         UnsafeObject.ran = True
         return "ran"
+
+
+def test_hf_checkpoint_with_code_in_its_pickle_is_refused(tmp_path):
+    from .conftest import tiny_mamba
+
+    model = tiny_mamba()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()  # weights as a pickle that runs code when unpickled
+    torch.save({**model.state_dict(), "hook": UnsafeObject()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"needs more than plain tensors to load \(refused, nothing of it was run"):
+        ssm_reduce.load_model(str(tmp_path))
+    assert not UnsafeObject.ran
 
 
 def test_hf_checkpoint_loads_as_is(tmp_path):

@@ -20,9 +20,14 @@ def test_no_reduction_is_bit_identical(model):
     ids, mask = left_padded(3, 40, [0, 5, 11])
     ref = model(ids, attention_mask=mask).logits
     ssm_reduce.apply(model)  # neither keep_ratio nor flops_reduction: no reduction
+    assert ssm_reduce.stats(model)["kept_per_row"] == []  # no forward yet
     out = model(ids, attention_mask=mask)
     assert torch.equal(out.logits, ref)
     assert torch.equal(out.kept_positions, torch.where(mask.bool(), torch.arange(40), -1))
+    stats = ssm_reduce.stats(model)  # the forward is recorded all the same
+    assert stats["kept_per_row"] == stats["input_tokens_per_row"] == [40, 35, 29]
+    assert stats["tokens_per_layer"] == [pytest.approx(104 / 3)] * len(model.backbone.layers)
+    assert stats["realised_flops_reduction"] == 0.0 and torch.equal(stats["kept_positions"], out.kept_positions)
     ssm_reduce.apply(model, keep_ratio=1.0)
     assert torch.equal(model(ids, attention_mask=mask).logits, ref)
 

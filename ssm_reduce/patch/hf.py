@@ -132,8 +132,8 @@ class _BackboneMixin:
         except BaseException:
             runtime.session = None
             raise
-        runtime.finish(session)
         runtime.last_kept = kept_positions_for(session, batch, seq_len, tokens.device, mask)
+        runtime.finish(session, runtime.last_kept)
         if not isinstance(out, tuple):
             out["kept_positions"] = runtime.last_kept
         return out

@@ -72,8 +72,8 @@ class _MixerModelMixin:
         except BaseException:
             runtime.session = None
             raise
-        runtime.finish(session)
         runtime.last_kept = kept_positions_for(session, batch, seq_len, input_ids.device, None)
+        runtime.finish(session, runtime.last_kept)
         return out
 
 
