@@ -48,12 +48,13 @@ Methods (all give exactly the same number of removed weights in every row, or va
      spanning few directions), a swap that lowers it can raise the undamped error that the report
      shows (by 1-8% on the bench's strongly correlated random layers; on the embedded model's layers
      swaps lowered that error in every case). So a trial decides per layer first: ``SWAP_TRIAL_ROWS``
-     (64) rows spread over the weight go through steps 2-3 with and without the swap rounds, and
-     the rest of the layer gets the rounds only where they lowered those rows' summed undamped error
-     (``SolveStats.swaps_skipped`` and a note say when they did not). The trial rows keep the variant
-     chosen, so it costs the other variant on 64 rows. On the bench's and the embedded model's layers a
-     64-row trial's estimate of the layer's swap gain was within 2.5% of the whole layer's, and the two
-     kinds of layers were 3% apart at the closest.
+     (32) rows spread over the weight, swept once, go through steps 2-3 with and without the swap
+     rounds, and the rest of the layer gets the rounds only where they lowered those rows' summed
+     undamped error (``SolveStats.swaps_skipped`` and a note say when they did not). The trial rows
+     keep the variant chosen, so the trial costs the other variant on 32 rows. On the bench's 8 random
+     and the embedded model's 12 layer/target cases, 32-row trials at 16 placements each all classified
+     the layer as its whole-layer swap gain does; the closest were 1.6% below and 0.8% above even
+     (``eval/swap_trial_check.py``).
 
   Given H, every step works row by row, so the rows of a big weight go through all three in chunks
   (``MRP_CHUNK_ELEMENTS``: about 20 float64 arrays of a chunk's size are alive at once), which bounds
@@ -81,6 +82,8 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "mrp")
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Elements of one batched (rows x p x p) system solved at once by the exact re-solve.
 SOLVE_CHUNK_ELEMENTS = 1 << 26
+# The entries of a solve's scratch dict that belong to one Hessian (the rows of a layer share them).
+HESSIAN_KEYS = ("operators", "removed_operators", "space")
 # N:M patterns mrp accepts: it scores every one of the C(M, N) removal sets of each group (C(16, 8) = 12870).
 MRP_MAX_CANDIDATES = 12870
 # mrp prunes the rows of a weight in chunks of at most this many elements (rows x in_features): its
@@ -126,7 +129,7 @@ SWAP_MIN_GAIN = 0.01
 SWAP_TOL = 1e-2
 # Before its swap rounds, mrp solves this many rows spread over the weight with and without them, and
 # skips them for the whole layer where they do not lower those rows' undamped error (0: no trial).
-SWAP_TRIAL_ROWS = 64
+SWAP_TRIAL_ROWS = 32
 
 
 @dataclass
@@ -1080,46 +1083,54 @@ def _trial_rows(rows: int, count: int, device) -> torch.Tensor:
     return torch.div(torch.arange(count, device=device) * rows, count, rounding_mode="floor")
 
 
-def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, work, tol):
+def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, work, tol, sweep=None, solved=None):
     """``mrp`` on some rows of a weight (float64) given the damped Hessian ``h``, its inverse, the
     inverse's upper Cholesky factor and a verified floor on its smallest eigenvalue: the sweep, the
     exact solve (to ``tol``) and the swap rounds (module docstring). Returns (new rows, their mask, their
     damped losses ``(new - w) h (new - w)^T``, the sum of ``(w @ h) * w`` over them, how many rows took a
-    swap)."""
-    # in float32: the sweep only picks the mask and a starting point (the masks match float64's)
-    swept, mask = _mrp_sweep(w.float(), upper.float(), sparsity, nm, blocksize)
+    swap, ``new @ h``). ``sweep``: the rows' (swept weights, mask) when the caller has them; ``solved``:
+    the exact solution of that mask as this function returns it without swap rounds (the swap rounds
+    then start from it instead of from a loose solve). Neither is modified."""
+    if sweep is None:
+        # in float32: the sweep only picks the mask and a starting point (the masks match float64's)
+        swept, mask = _mrp_sweep(w.float(), upper.float(), sparsity, nm, blocksize)
+    else:
+        swept, mask = sweep[0], sweep[1].clone()  # (the swap rounds update their mask in place)
     wh = w @ h
     improved_rows = 0
-    if swap_rounds:  # loose solutions, their losses, and lower bounds on their masks' optimal losses
+    exact = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)  # rows holding their exact solution
+    if swap_rounds and solved is not None:  # exact solutions: their losses are the optimal ones
+        new, new_h, losses = solved[0].clone(), solved[5].clone(), solved[2].clone()
+        lower = losses.clone()
+        exact.fill_(True)
+    elif swap_rounds:  # loose solutions, their losses, and lower bounds on their masks' optimal losses
         new, new_h, losses, lower = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
                                                 residual_tol=SWAP_TOL, work=work, return_bound=True)
     else:
         new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True, eig_floor=floor,
                                  work=work, tol=tol)
         losses = _row_losses(w, new, wh, new_h, work)
-    solved = None  # rows already holding their exact solution
     for round_ in range(swap_rounds):
         last = round_ == swap_rounds - 1  # the last round's re-solves are exact
         previous = float(losses.sum())
-        mask, new, new_h, losses, lower, improved, solved = _swap_round(
+        mask, new, new_h, losses, lower, improved, now_exact = _swap_round(
             w, wh, mask, new, new_h, losses, lower, h, hinv, group=None if nm is None else nm[1],
             eig_floor=floor if last else None, work=work, tol=tol)
         improved_rows += int(improved.sum())
-        if not last:
-            solved = None
+        exact = (exact & ~improved) | now_exact  # a row that took a swap holds the candidate's solution
         if not bool(improved.any()) or float(losses.sum()) > previous * (1 - SWAP_MIN_GAIN):
             break
     if swap_rounds:  # the final mask solved exactly, where the rounds left a loose solution
-        rest = None if solved is None or not bool(solved.any()) else (~solved).nonzero().flatten()
-        if rest is None:
+        if not bool(exact.any()):
             new, new_h = exact_solve(w, mask, h, hinv, start=new, wh=wh, return_product=True, eig_floor=floor,
                                      work=work, tol=tol)
             losses = _row_losses(w, new, wh, new_h, work)
-        elif rest.numel():
+        elif not bool(exact.all()):
+            rest = (~exact).nonzero().flatten()
             new[rest], new_h[rest] = exact_solve(w[rest], mask[rest], h, hinv, start=new[rest], wh=wh[rest],
                                                  return_product=True, eig_floor=floor, work=work, tol=tol)
             losses[rest] = _row_losses(w[rest], new[rest], wh[rest], new_h[rest])
-    return new, mask, losses, (wh * w).sum(), improved_rows
+    return new, mask, losses, (wh * w).sum(), improved_rows, new_h
 
 
 @torch.no_grad()
@@ -1145,7 +1156,7 @@ def prune_linear(
         blocksize: columns per lazy block (``sparsegpt``, ``mrp``).   damp: damping / mean diagonal.
         swap_rounds: ``mrp``: at most this many swap rounds after the exact solve (0 = none; each
             costs one more exact solve); they stop early once a round gains less than 1%, and a trial
-            on 64 rows skips them for the layer where they would not lower its error.
+            on 32 rows skips them for the layer where they would not lower its error.
         workspace: ``mrp``: a dict in which to keep the solves' scratch buffers for later calls with the
             same shapes (``prune`` passes one per run on a CPU, where fresh pages for big buffers cost
             as much as the arithmetic; it holds a few arrays of a row chunk's size until dropped).
@@ -1195,11 +1206,16 @@ def prune_linear(
             loss = whw = 0.0
             works = {}  # scratch buffers shared by the solves (and, through ``workspace``, by later calls)
 
-            def solve(index, rounds):
+            def solve(index, rounds, sweep=None, solved=None):
                 rows = w[index]
                 key = (tuple(rows.shape), str(w.device))
                 work = works.setdefault(key, {} if workspace is None else workspace.setdefault(key, {}))
-                return _mrp_rows(rows, h, hinv, upper, floor, sparsity or 0.0, nm, blocksize, rounds, work, tol)
+                for other in works.values():  # what is tied to this Hessian serves rows of any shape
+                    for name in HESSIAN_KEYS:
+                        if name in other and other[name][0] is not work.get(name, (None,))[0]:
+                            work[name] = other[name]
+                return _mrp_rows(rows, h, hinv, upper, floor, sparsity or 0.0, nm, blocksize, rounds, work, tol,
+                                 sweep, solved)
 
             def keep(index, result):
                 nonlocal loss, whw
@@ -1213,7 +1229,9 @@ def prune_linear(
                 # report shows (module docstring, step 3)
                 trial = _trial_rows(w.shape[0], SWAP_TRIAL_ROWS, w.device)
                 shift = torch.diag(h) - torch.diag(hessian).to(h.dtype)  # H_damped - H is diagonal
-                results = {r: solve(trial, r) for r in (swap_rounds, 0)}
+                sweep = _mrp_sweep(w[trial].float(), upper.float(), sparsity or 0.0, nm, blocksize)  # shared
+                results = {0: solve(trial, 0, sweep)}
+                results[swap_rounds] = solve(trial, swap_rounds, sweep, results[0])  # from those exact solutions
                 error = {r: float((res[2] - (res[0] - w[trial]).square().mul_(shift).sum(1)).sum())
                          for r, res in results.items()}
                 if not error[swap_rounds] < error[0]:
@@ -1234,7 +1252,7 @@ def prune_linear(
                     part = slice(None)  # every row: no gathering copy
                 keep(part, solve(part, rounds))
             for work in works.values():  # drop what is specific to this Hessian (shared by its chunks)
-                for key in ("operators", "removed_operators", "space"):
+                for key in HESSIAN_KEYS:
                     work.pop(key, None)
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
     if method == "mrp":
