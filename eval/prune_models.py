@@ -78,6 +78,8 @@ def main(argv=None):
                 "bits_per_byte_reduced": score(model, stream, args, True)["bits_per_token"],
                 "mean_layer_error": report.mean_relative_error, "sparsity": report.sparsity,
                 "seconds": report.seconds,
+                "layers_swaps_skipped": sum(layer.swaps_skipped for layer in report.layers),
+                "layers": len(report.layers),
             })
             r = rows[-1]
             print(f"{method:>10} {target:>6} {r['bits_per_byte']:>10.4f} {r['bits_per_byte_reduced']:>14.4f} "

@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seqlen", type=_at_least(2), default=2048)
     prune.add_argument("--batch-size", type=_at_least(1), default=8)
     prune.add_argument("--swap-rounds", type=int, default=1,
-                       help="mrp: swap rounds per layer after the exact solve (0 = none: 13-46%% less time on the benchmarked layers, higher error on most)")
+                       help="mrp: swap rounds per layer after the exact solve (0 = none: 16-27%% less time on the benchmarked layers that keep them, higher error on those)")
     prune.add_argument("--out", default=None, help="directory for the pruned model (save_pretrained) and report")
     prune.set_defaults(func=cmd_prune)
     sub.add_parser("eval", help="lm-eval with the ssm_reduce model registered (all lm-eval flags pass through)")

@@ -1,5 +1,7 @@
 """Weight pruning: masks, exactness of MRP, error ordering, model-level runs, errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -693,6 +695,28 @@ def test_model_level_error_midway_says_so_and_restores_the_mode(monkeypatch):
     assert "stopped after pruning 1 Linear layers in place" in "".join(info.value.__notes__)
     assert model.training and all(m.training for m in model.modules())
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_report_says_which_layers_skipped_their_swaps(monkeypatch):
+    """The per-layer report carries mrp's swap-trial outcome (field, note, JSON) as prune_linear gave it."""
+    from ssm_reduce.prune import driver
+
+    real, count = driver.prune_linear, []
+
+    def second_skips(weight, hessian, **kwargs):
+        new, mask, stats = real(weight, hessian, **kwargs)
+        count.append(1)
+        if len(count) == 2:
+            stats.swaps_skipped = True
+            stats.notes.append("swap rounds skipped: test")
+        return new, mask, stats
+
+    monkeypatch.setattr(driver, "prune_linear", second_skips)
+    report = ssm_reduce.prune(FAMILIES["mamba2"](layers=2), random_tokens(1, 600)[0], sparsity=0.5, seqlen=64,
+                              nsamples=2, progress=False)
+    assert [layer.swaps_skipped for layer in report.layers] == [False, True, False, False]
+    assert "swap rounds skipped: test" in str(report)
+    assert [layer["swaps_skipped"] for layer in json.loads(report.to_json())["layers"]] == [False, True, False, False]
 
 
 def test_solver_edge_inputs():
