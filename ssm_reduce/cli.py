@@ -232,14 +232,12 @@ def _at_least(low: int):
 
 
 def _device(text: str) -> str:
-    import torch
+    from .loading import check_device
 
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here")
+        check_device(text)
+    except ValueError as err:  # (argparse names the option)
+        raise argparse.ArgumentTypeError(str(err).removeprefix("device=")) from None
     return text
 
 

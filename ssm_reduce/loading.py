@@ -32,6 +32,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: names the file and, where it applies, the key."""
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` naming it if it is none, or is CUDA where there is none."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}: CUDA is not available here")
+    return resolved
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a checkpoint directory needs a config.json")
@@ -253,6 +264,8 @@ def load_model(path_or_id: Union[str, Path], *, device=None, dtype: Optional[tor
     """
     if host not in ("auto", "transformers", "mamba_ssm"):
         raise ValueError(f"host must be 'auto', 'transformers' or 'mamba_ssm', got {host!r}")
+    if device is not None:
+        device = check_device(device)
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype must be a torch dtype or its name (float32, bfloat16, float16), got {dtype!r}")

@@ -137,22 +137,29 @@ class Session:
             per_layer.append(current)
             if layer in self.n_real_after:
                 current = self.n_real_after[layer].double()
-        entering = torch.stack(per_layer)  # (L, B)
-        total_input = float(self.n_real_input.sum())
-        realised = 0.0
-        if total_input > 0:
-            realised = 1.0 - float(entering.sum()) / (resolved.num_layers * total_input)
-        return {
-            "tokens_per_layer": entering.mean(1).tolist(),
-            "realised_flops_reduction": realised,
-            "target_flops_reduction": resolved.target_flops_reduction,
-            "kept_per_row": self.state.n_real.tolist(),
-            "input_tokens_per_row": self.n_real_input.tolist(),
-            "kept_positions": self.state.pos,
-            "anchors": list(resolved.anchors),
-            "keep_ratio": resolved.keep_ratio,
-            "method": resolved.config.method,
-        }
+        return forward_stats(resolved, torch.stack(per_layer), self.n_real_input, self.state.n_real, self.state.pos)
+
+
+def forward_stats(resolved, entering: torch.Tensor, n_input: torch.Tensor, n_kept: torch.Tensor,
+                  positions: torch.Tensor) -> dict:
+    """``ssm_reduce.stats`` of one forward: ``entering`` (L, B) real tokens entering each layer,
+    ``n_input`` / ``n_kept`` (B,) real tokens at the input / after the last layer, ``positions`` the
+    kept positions."""
+    total_input = float(n_input.sum())
+    realised = 0.0
+    if total_input > 0:
+        realised = 1.0 - float(entering.double().sum()) / (resolved.num_layers * total_input)
+    return {
+        "tokens_per_layer": entering.double().mean(1).tolist(),
+        "realised_flops_reduction": realised,
+        "target_flops_reduction": resolved.target_flops_reduction,
+        "kept_per_row": n_kept.tolist(),
+        "input_tokens_per_row": n_input.tolist(),
+        "kept_positions": positions,
+        "anchors": list(resolved.anchors),
+        "keep_ratio": resolved.keep_ratio,
+        "method": resolved.config.method,
+    }
 
 
 class Runtime:
@@ -209,18 +216,8 @@ class Runtime:
         if session is None:
             if positions is not None and not self.resolved.anchors and positions.shape[1] > 1:
                 real = (positions >= 0).sum(1)
-                resolved = self.resolved
-                self.last_stats = {
-                    "tokens_per_layer": [float(real.double().mean())] * resolved.num_layers,
-                    "realised_flops_reduction": 0.0,
-                    "target_flops_reduction": resolved.target_flops_reduction,
-                    "kept_per_row": real.tolist(),
-                    "input_tokens_per_row": real.tolist(),
-                    "kept_positions": positions,
-                    "anchors": [],
-                    "keep_ratio": resolved.keep_ratio,
-                    "method": resolved.config.method,
-                }
+                entering = real.expand(self.resolved.num_layers, -1)
+                self.last_stats = forward_stats(self.resolved, entering, real, real, positions)
                 self.last_plans = {}
             return
         self.last_stats = session.summary()

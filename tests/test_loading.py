@@ -166,6 +166,8 @@ def test_errors_name_the_file_and_key(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="dtype must be a torch dtype or its name"):
         ssm_reduce.load_model(ckpt, dtype="float33")
+    with pytest.raises(ValueError, match="device='nowhere' is not a device"):
+        ssm_reduce.load_model(ckpt, device="nowhere")
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"config.json: missing"):
         ssm_reduce.load_model(ckpt)

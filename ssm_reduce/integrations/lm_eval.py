@@ -143,16 +143,14 @@ class ReducedLM(HFLM):
             ssm_reduce.protect(self.model, protect),
         ):
             out = self.model(inps, attention_mask=attention)
-        full = scatter_to_positions(out.logits, out.kept_positions, inps.shape[1])
-        kept = torch.zeros(inps.shape[0], inps.shape[1] + 1, dtype=torch.bool, device=protect.device)
-        kept.scatter_(1, torch.where(out.kept_positions >= 0, out.kept_positions, inps.shape[1]).to(protect.device), True)
-        missing = int((protect & ~kept[:, :-1]).sum())
+        kept = out.kept_positions.to(protect.device)
+        missing = int(protect.sum()) - int((protect.gather(1, kept.clamp_min(0)) & (kept >= 0)).sum())
         if missing:  # only a method that ignores protection gets here (tor-official, as the official code)
             raise RuntimeError(
                 f"ssm_reduce: method {self.reduce_config.method!r} removed {missing} scored positions of this batch "
                 "(it ignores ssm_reduce.protect); lm-eval cannot score them correctly. Use another method."
             )
-        return full
+        return scatter_to_positions(out.logits, out.kept_positions, inps.shape[1])
 
 
 def scatter_to_positions(logits: torch.Tensor, kept: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from ..loading import check_device
 from .solvers import check_options, check_swap_rounds, check_target, prune_linear
 
 logger = logging.getLogger("ssm_reduce.prune")
@@ -324,12 +325,7 @@ def prune_model(
     check_swap_rounds(swap_rounds)
     check_options(blocksize, damp)
     check_batch_size(batch_size)
-    try:
-        device = torch.device(device) if device is not None else next(model.parameters()).device
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device={device!r} is not a device: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r}, but CUDA is not available here")
+    device = check_device(device) if device is not None else next(model.parameters()).device
     blocks_name, blocks = find_blocks(model)
     targets = select_targets(blocks, filter_fn)
     skipped = []

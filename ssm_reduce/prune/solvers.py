@@ -1200,7 +1200,8 @@ def prune_linear(
             wh = w @ h  # the error's denominator (its numerator is the sweep's loss)
         else:
             # H = hessian + damping >= 0.9 x the smallest diagonal shift if hessian is PSD (verified)
-            floor = _eig_floor(h, hinv, 0.9 * float((torch.diag(h) - torch.diag(hessian).double()).min()))
+            shift = torch.diag(h) - torch.diag(hessian).to(h.dtype)  # H_damped - H is diagonal
+            floor = _eig_floor(h, hinv, 0.9 * float(shift.min()))
             tol = weight_tolerance(weight.dtype)
             new, mask = torch.empty_like(w), torch.empty(w.shape, dtype=torch.bool, device=w.device)
             loss = whw = 0.0
@@ -1212,8 +1213,8 @@ def prune_linear(
                 work = works.setdefault(key, {} if workspace is None else workspace.setdefault(key, {}))
                 for other in works.values():  # what is tied to this Hessian serves rows of any shape
                     for name in HESSIAN_KEYS:
-                        if name in other and other[name][0] is not work.get(name, (None,))[0]:
-                            work[name] = other[name]
+                        if name in other:
+                            work.setdefault(name, other[name])
                 return _mrp_rows(rows, h, hinv, upper, floor, sparsity or 0.0, nm, blocksize, rounds, work, tol,
                                  sweep, solved)
 
@@ -1228,7 +1229,6 @@ def prune_linear(
                 # the swap trial: rows spread over the weight, with and without swaps, in the error the
                 # report shows (module docstring, step 3)
                 trial = _trial_rows(w.shape[0], SWAP_TRIAL_ROWS, w.device)
-                shift = torch.diag(h) - torch.diag(hessian).to(h.dtype)  # H_damped - H is diagonal
                 sweep = _mrp_sweep(w[trial].float(), upper.float(), sparsity or 0.0, nm, blocksize)  # shared
                 results = {0: solve(trial, 0, sweep)}
                 results[swap_rounds] = solve(trial, swap_rounds, sweep, results[0])  # from those exact solutions
@@ -1255,17 +1255,17 @@ def prune_linear(
                 for key in HESSIAN_KEYS:
                     work.pop(key, None)
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
-    if method == "mrp":
+    result = new.to(weight.dtype)
+    if method in ("sparsegpt", "mrp") and torch.finfo(weight.dtype).bits < 32:
+        # half-precision weights: the error of what is returned, after rounding (one more product)
+        stats.relative_error = relative_error(weight, result, hessian)
+    elif method == "mrp":
         stats.relative_error = _relative_error_from_losses(w, new, loss, whw, h, hessian)
     elif method == "sparsegpt":
         stats.relative_error = _relative_error_from_losses(w, new, loss, (wh * w).sum(), h, hessian,
                                                            loss_accuracy=1e-6)
     else:
         stats.relative_error = relative_error(weight, new, hessian)
-    result = new.to(weight.dtype)
-    if method in ("sparsegpt", "mrp") and torch.finfo(weight.dtype).bits < 32:
-        # half-precision weights: the error of what is returned, after rounding (one more product)
-        stats.relative_error = relative_error(weight, result, hessian)
     stats.seconds = time.perf_counter() - start
     if not math.isfinite(stats.relative_error):
         raise RuntimeError(f"{method} produced non-finite weights")
