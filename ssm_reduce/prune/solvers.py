@@ -435,37 +435,51 @@ def exact_solve(
     keep = ~mask
     if max_iter is None:
         max_iter = max(8, w.shape[1] // 16)
-    # few big temporaries: on a CPU, fresh pages for them can cost as much as the arithmetic
-    x = torch.where(keep, (start if start is not None else w).double(), 0.0)
+    # few big temporaries: on a CPU, fresh pages for them can cost as much as the arithmetic (and an
+    # elementwise operation on two dtypes makes a converted copy of one: the masks come in both)
+    start = w if start is None else start
     b = w @ h_damped if wh is None else wh  # (w H)_K is b off the mask; r is masked, so b need not be
     exact = residual_tol is None
     if exact:
         floor = eig_floor if eig_floor is not None else _eig_floor(h_damped, hinv)
         # |x - x*| <= beta |x| with beta = |r| / (floor |x|) gives |x - x*| <= beta / (1 - beta) |x*|
         factor = floor * tol / (1.0 + tol)
-    support = keep.float()  # masking by a product: several times faster on a CPU than by a bool mask
+    # masking by a product: several times faster on a CPU than by a bool mask
+    support = _scratch(work, "support32", w, torch.float32).copy_(keep)
+    support64 = _scratch(work, "support64", w).copy_(keep)
     if not exact:
-        scale = torch.mul(b, support, out=_scratch(work, "r", b)).norm(dim=1)
+        scale = torch.mul(b, support64, out=_scratch(work, "r", b)).norm(dim=1)
     h_hat, scale32, h_low, h32 = _operators(h_damped, work)
     if _solve_space(h_hat, hinv, mask, work) == "removed":
-        return _solve_removed(w, mask, h_damped, hinv, x, b, factor if exact else None,
+        return _solve_removed(w, mask, h_damped, hinv, start, b, factor if exact else None,
                               None if exact else residual_tol * scale, max_iter, return_product, work,
-                              return_bound)
+                              return_bound, support, support64)
+    x = torch.empty_like(w).copy_(start).mul_(support64)
     use_f64 = False  # residual products in float64 (exact solves, once a row may be near its target)
 
-    def times_h(index, out: torch.Tensor) -> None:
+    def residual():
+        """The kept residual b - x H of the rows iterating, and their x H into ``xh`` where it may be kept:
+        in float64, or in float32 (the rounding of the residual is then the product's; x H is kept only
+        by loose solves, whose rows may stop on it)."""
         rows_x = x if index is None else x[index]
         if use_f64:
-            product = torch.matmul(rows_x, h_damped, out=out if index is None else None)
-        else:
-            x32 = _scratch(work, "x32", rows_x, torch.float32).copy_(rows_x)
-            product = torch.matmul(x32, h32, out=_scratch(work, "xh32", rows_x, torch.float32))
-        if index is None:
-            if product is not out:
-                out.copy_(product)
-        else:
-            out[index] = product.to(out.dtype)
+            if index is None:
+                return torch.sub(b, torch.matmul(x, h_damped, out=xh), out=_scratch(work, "r", b)).mul_(support64)
+            product = rows_x @ h_damped
+            xh[index] = product
+            return torch.sub(b[index], product, out=product).mul_(support64[index])
+        x32 = _scratch(work, "x32", rows_x, torch.float32).copy_(rows_x)
+        product = torch.matmul(x32, h32, out=_scratch(work, "xh32", rows_x, torch.float32))
+        if not exact:
+            if index is None:
+                xh.copy_(product)
+            else:
+                xh[index] = product.double()
+        b_rows = b32 if index is None else b32[index]
+        return torch.sub(b_rows, product, out=_scratch(work, "r32", product)).mul_(
+            support if index is None else support[index])
 
+    b32 = _scratch(work, "b32", b, torch.float32).copy_(b)
     xh = torch.empty_like(x)
     direct = torch.zeros(rows, dtype=torch.bool, device=w.device)  # rows left to the direct solve
     # per row still iterating (aligned with ``index``): inner products in bfloat16, and the residual
@@ -475,14 +489,10 @@ def exact_solve(
     index = None  # every row (no copies), then the index of the rows still iterating
     for round_ in range(REFINEMENTS + 1):
         while True:
-            times_h(index, xh)
-            if index is None:
-                r = torch.sub(b, xh, out=_scratch(work, "r", b)).mul_(support)
-            else:
-                r = torch.sub(b[index], xh[index]).mul_(support[index])
+            r = residual()
             target = factor * (x if index is None else x[index]).norm(dim=1) if exact else (
                 residual_tol * (scale if index is None else scale[index]))
-            norm = r.norm(dim=1)
+            norm = r.norm(dim=1).double()
             # float32 residuals cannot confirm (or aim at) an exact target: near it, recompute in float64
             if exact and not use_f64 and _near_target(norm, target):
                 use_f64 = True
@@ -513,7 +523,7 @@ def exact_solve(
         correction = _pcg_by_precision(r32, sup, low, h_low, h_hat, asked32, max_iter, work)
         correction.mul_(scale32)
         if index is None:
-            x.add_(correction)
+            x.add_(_scratch(work, "c64", x).copy_(correction))
         else:
             x[index] += correction.double()
         # float64 products from the round whose inner solves may bring a row near its target
@@ -628,8 +638,8 @@ def _removed_operators(hinv: torch.Tensor, work: Optional[dict]):
     return _operators(hinv, work, key="removed_operators")
 
 
-def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter, return_product, work,
-                   return_bound=False):
+def _solve_removed(w, mask, h_damped, hinv, start, b, factor, loose_target, max_iter, return_product, work,
+                   return_bound, support, support64):
     """``exact_solve`` in the removed weights' variables. The optimum is ``x* = w - z* H^-1`` with
     ``(H^-1)_PP z*_P = w_P`` (z zero off P); for any z, ``x = w - z H^-1`` off P (zero on P) has the kept
     residual ``r_K = (b - x H)_K = (s H)_K`` with ``s = w_P - (z H^-1)_P`` the removed residual (up to the
@@ -647,15 +657,19 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
     ``H_KK``, is not (rows solved directly get that one, from float64 products)."""
     rows = w.shape[0]
     exact = factor is not None
-    removed = mask.float()
-    support = 1.0 - removed
+    # the masks in both dtypes (``support``: the kept ones, float32 and float64, from the caller)
+    removed = _scratch(work, "removed32", w, torch.float32).copy_(mask)
+    removed64 = _scratch(work, "removed64", w).copy_(mask)
     inv_hat, iscale32, inv_low, inv32 = _removed_operators(hinv, work)
     h32 = _operators(h_damped, work)[3]
-    # start from x: z = (b - x H)_P (exact when x is the optimum)
-    z = (b - (x.float() @ h32).double()).mul_(removed)
-    out_x = torch.empty_like(x)
-    out_xh = torch.empty_like(x)
-    lower = torch.empty(rows, dtype=x.dtype, device=x.device) if return_bound else None
+    w32 = _scratch(work, "rm_w32", w, torch.float32).copy_(w)
+    # start from x (the start, off P): z = (b - x H)_P (exact when x is the optimum)
+    x32 = _scratch(work, "rm_u32", w, torch.float32).copy_(start).mul_(support)
+    z = _scratch(work, "rm_zstate", b).copy_(torch.matmul(x32, h32, out=_scratch(work, "rm_sh32", x32)))
+    torch.sub(b, z, out=z).mul_(removed64)
+    out_x = torch.empty_like(w)
+    out_xh = torch.empty_like(w)
+    lower = torch.empty(rows, dtype=w.dtype, device=w.device) if return_bound else None
     direct = torch.zeros(rows, dtype=torch.bool, device=w.device)
     index = None  # every row (no copies), then the index of the rows still iterating
 
@@ -667,23 +681,25 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
     for round_ in range(REFINEMENTS + 1):
         while True:
             zi, wi, bi, sup_k, sup_p = pick(z), pick(w), pick(b), pick(support), pick(removed)
-            # (into scratch buffers: on a CPU, fresh pages for big temporaries cost more than the arithmetic)
-            if use_f64:
-                y = torch.matmul(zi, hinv, out=_scratch(work, "rm_y", zi))
-            else:
+            # (into scratch buffers: on a CPU, fresh pages for big temporaries cost more than the arithmetic,
+            # and each pass over a float64 array about as much as a low-precision product's share)
+            if use_f64:  # near the target: x = (w - z H^-1) off P and the true kept residual, in float64
+                sup_k64 = pick(support64)
+                xi = torch.addmm(wi, zi, hinv, alpha=-1.0, out=_scratch(work, "rm_x", zi))
+                s = torch.mul(xi, pick(removed64), out=_scratch(work, "rm_s", zi))
+                xi.mul_(sup_k64)
+                t = torch.addmm(bi, xi, h_damped, alpha=-1.0, out=_scratch(work, "rm_t", zi))  # b - x H
+                norm = torch.mul(t, sup_k64, out=_scratch(work, "rm_s2", zi)).norm(dim=1)
+                xnorm = xi.norm(dim=1)
+            else:  # far from it, in float32: the kept residual is s H off P, and x H = b - z - s H
                 z32 = _scratch(work, "rm_z32", zi, torch.float32).copy_(zi)
                 y = torch.matmul(z32, inv32, out=_scratch(work, "rm_y32", z32))
-            xi = torch.sub(wi, y, out=_scratch(work, "rm_x", zi))
-            s = torch.mul(xi, sup_p, out=_scratch(work, "rm_s", zi))
-            xi.mul_(sup_k)
-            if use_f64:  # near the target: the true kept residual, in float64
-                xh = torch.matmul(xi, h_damped, out=_scratch(work, "rm_xh", zi))
-                norm = torch.sub(bi, xh, out=_scratch(work, "rm_t", zi)).mul_(sup_k).norm(dim=1)
-            else:  # far from it: the kept residual is s H off P, and x H = b - z - s H
-                s32 = _scratch(work, "rm_z32", zi, torch.float32).copy_(s)
-                sh = torch.matmul(s32, h32, out=_scratch(work, "rm_sh32", s32))
-                norm = torch.mul(sh, sup_k, out=s32).norm(dim=1).double()
-            target = factor * xi.norm(dim=1) if exact else pick(loose_target)
+                u = torch.sub(pick(w32), y, out=_scratch(work, "rm_u32", z32))  # w - z H^-1
+                s = torch.mul(u, sup_p, out=_scratch(work, "rm_s32", z32))
+                sh = torch.matmul(s, h32, out=_scratch(work, "rm_sh32", z32))
+                norm = torch.mul(sh, sup_k, out=z32).norm(dim=1).double()
+                xnorm = u.mul_(sup_k).norm(dim=1).double()
+            target = factor * xnorm if exact else pick(loose_target)
             if exact and not use_f64 and _near_target(norm, target):
                 use_f64 = True
                 continue
@@ -692,12 +708,25 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
         if exact and not use_f64:
             done.fill_(False)
         at = _rows(index, rows, w.device)
-        if bool(done.any()):
-            rows_done = at[done]
-            out_x[rows_done] = xi[done]
-            out_xh[rows_done] = xh[done] if use_f64 else (bi[done] - zi[done] - sh[done])
-            if lower is not None:
-                lower[rows_done] = (zi[done] * (wi[done] + s[done])).sum(1)
+        if bool(done.any()):  # the rows done: x, x H and the lower bound
+            if use_f64:
+                x_rows, xh_rows = xi, torch.sub(bi, t, out=t)
+            else:  # x = (w - z H^-1) off P, x H = b - z - s H
+                x_rows = _scratch(work, "rm_x", zi).copy_(y)
+                torch.sub(wi, x_rows, out=x_rows).mul_(pick(support64))
+                xh_rows = _scratch(work, "rm_t", zi).copy_(sh)
+                torch.sub(bi, xh_rows, out=xh_rows).sub_(zi)
+            low_rows = None if lower is None else _scratch(work, "c64", zi).copy_(s).add_(wi).mul_(zi).sum(1)
+            if index is None:  # in place: no gathered copies
+                torch.where(done[:, None], x_rows, out_x, out=out_x)
+                torch.where(done[:, None], xh_rows, out_xh, out=out_xh)
+                if lower is not None:
+                    torch.where(done, low_rows, lower, out=lower)
+            else:
+                rows_done = at[done]
+                out_x[rows_done], out_xh[rows_done] = x_rows[done], xh_rows[done]
+                if lower is not None:
+                    lower[rows_done] = low_rows[done]
         if previous is not None:
             stalled = _stalled(~done, norm, previous, asked, low)
             if bool(stalled.any()):
@@ -718,9 +747,9 @@ def _solve_removed(w, mask, h_damped, hinv, x, b, factor, loose_target, max_iter
         correction = _pcg_by_precision(rhs, pick(removed), low, inv_low, inv_hat, asked.float(), max_iter, work)
         correction.mul_(iscale32)
         if index is None:
-            z.add_(correction)
+            z.add_(_scratch(work, "c64", z).copy_(correction))
         else:
-            z[index] += correction
+            z[index] += correction.double()
         # float64 products from the round whose inner solves may bring a row near its target
         if exact and not use_f64 and _near_target(norm * asked, target):
             use_f64 = True
@@ -793,14 +822,19 @@ def _eig_floor(h_damped: torch.Tensor, hinv: torch.Tensor, guess: Optional[float
 
 def _scratch(work: Optional[dict], name: str, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """A scratch buffer ``work[name]`` with the shape and device of ``like`` (and ``dtype``, default
-    its), reused across calls: a new one when ``work`` is None or holds none that fits. Reuse spares a
-    CPU the page faults of fresh big buffers."""
+    its), reused across calls: the first rows of the one kept there when it has at least as many (the
+    rows still iterating), a new one when ``work`` is None or holds none that fits. Reuse spares a CPU
+    the page faults of fresh big buffers (which an elementwise operation on two dtypes also makes, for
+    its converted copy of one operand: the solves keep their masks in both dtypes instead)."""
     dtype = like.dtype if dtype is None else dtype
     buffer = None if work is None else work.get(name)
-    if buffer is None or buffer.shape != like.shape or buffer.dtype != dtype or buffer.device != like.device:
-        buffer = torch.empty(like.shape, dtype=dtype, device=like.device)
-        if work is not None:
-            work[name] = buffer
+    if (buffer is not None and buffer.dtype == dtype and buffer.device == like.device
+            and buffer.dim() == like.dim() and buffer.shape[1:] == like.shape[1:]
+            and like.dim() > 0 and buffer.shape[0] >= like.shape[0]):
+        return buffer[: like.shape[0]]  # fewer rows (the rows still iterating): the first ones, contiguous
+    buffer = torch.empty(like.shape, dtype=dtype, device=like.device)
+    if work is not None:
+        work[name] = buffer
     return buffer
 
 
@@ -1130,7 +1164,7 @@ def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, wo
             new[rest], new_h[rest] = exact_solve(w[rest], mask[rest], h, hinv, start=new[rest], wh=wh[rest],
                                                  return_product=True, eig_floor=floor, work=work, tol=tol)
             losses[rest] = _row_losses(w[rest], new[rest], wh[rest], new_h[rest])
-    return new, mask, losses, (wh * w).sum(), improved_rows, new_h
+    return new, mask, losses, torch.dot(wh.flatten(), w.flatten()), improved_rows, new_h
 
 
 @torch.no_grad()
