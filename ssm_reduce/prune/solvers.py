@@ -384,7 +384,7 @@ def _mrp_sweep(w, upper, sparsity, nm, blocksize):
                 mask1[:, g : g + m] = sel
                 err1[:, g : g + m] = e_g
         w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+        w[:, i2:].addmm_(err1, upper[i1:i2, i2:], alpha=-1.0)  # in place: no product temporary
         mask[:, i1:i2] = mask1
     return w, mask
 
@@ -717,7 +717,12 @@ def _solve_removed(w, mask, h_damped, hinv, start, b, factor, loose_target, max_
                 xh_rows = _scratch(work, "rm_t", zi).copy_(sh)
                 torch.sub(bi, xh_rows, out=xh_rows).sub_(zi)
             low_rows = None if lower is None else _scratch(work, "c64", zi).copy_(s).add_(wi).mul_(zi).sum(1)
-            if index is None:  # in place: no gathered copies
+            if index is None and bool(done.all()):  # (writing alone: fresh pages fault once, not twice)
+                out_x.copy_(x_rows)
+                out_xh.copy_(xh_rows)
+                if lower is not None:
+                    lower.copy_(low_rows)
+            elif index is None:  # in place: no gathered copies
                 torch.where(done[:, None], x_rows, out_x, out=out_x)
                 torch.where(done[:, None], xh_rows, out_xh, out=out_xh)
                 if lower is not None:
@@ -761,10 +766,11 @@ def _operators(h_damped: torch.Tensor, work: Optional[dict], key: str = "operato
     float32), cached in ``work[key]`` for the solves of one ``prune_linear`` call (which drops it)."""
     if work is not None and key in work and work[key][0] is h_damped:
         return work[key][1]
-    h_hat, scale32 = _jacobi_scaled(h_damped)
+    h32 = h_damped.float()
+    h_hat, scale32 = _jacobi_scaled(h_damped, h32)
     auto_small = LOW_PRECISION == "auto" and h_damped.shape[0] < LOW_MIN_FEATURES
     dtype = None if auto_small else _low_dtype(h_damped.device)
-    ops = (h_hat, scale32, None if dtype is None else h_hat.to(dtype), h_damped.float())
+    ops = (h_hat, scale32, None if dtype is None else h_hat.to(dtype), h32)
     if work is not None:
         work[key] = (h_damped, ops)
     return ops
@@ -917,10 +923,13 @@ def _pcg_by_precision(b, support, low, a_low, a_hat, rel_tol, max_iter, work):
     return correction
 
 
-def _jacobi_scaled(a: torch.Tensor):
-    """(``D^-1/2 A D^-1/2`` in float32, ``D^-1/2`` as a float32 row) for a matrix with a positive diagonal."""
-    scale = torch.diag(a).double().rsqrt()
-    return (a.double() * scale[:, None] * scale[None, :]).float(), scale.float()[None, :]
+def _jacobi_scaled(a: torch.Tensor, a32: Optional[torch.Tensor] = None):
+    """(``D^-1/2 A D^-1/2`` in float32, ``D^-1/2`` as a float32 row) for a matrix with a positive diagonal,
+    scaled in float32 (``a32``: A in float32 when the caller has it; the scaled matrix serves the inner
+    solves only, whose rounding the outer residuals correct)."""
+    scale = torch.diag(a).double().rsqrt().float()
+    a32 = a.float() if a32 is None else a32
+    return torch.mul(a32, scale[:, None]).mul_(scale[None, :]), scale[None, :]
 
 
 def _direct_solve(weight: torch.Tensor, mask: torch.Tensor, h_damped: torch.Tensor, hinv: torch.Tensor) -> torch.Tensor:
