@@ -308,6 +308,24 @@ def test_workspace_reuse_changes_nothing():
         assert not {"operators", "removed_operators", "space"} & set(kept)
 
 
+def test_scratch_buffers_serve_fewer_rows_from_the_same_memory():
+    """A scratch buffer serves later requests for fewer rows (the rows still iterating) as its first rows,
+    contiguous and in the same memory; more rows, other trailing shapes or dtypes get a new one."""
+    from ssm_reduce.prune.solvers import _scratch
+
+    work = {}
+    whole = _scratch(work, "x", torch.empty(10, 4))
+    part = _scratch(work, "x", torch.empty(6, 4))
+    assert part.shape == (6, 4) and part.is_contiguous() and part.data_ptr() == whole.data_ptr()
+    assert work["x"] is whole  # the big one stays
+    for like, dtype in ((torch.empty(12, 4), None), (torch.empty(6, 5), None), (torch.empty(6, 4), torch.float64)):
+        fresh = _scratch(work, "x", like, dtype)
+        assert fresh.shape == like.shape and fresh.dtype == (dtype or like.dtype)
+        assert work["x"] is fresh and fresh.data_ptr() != whole.data_ptr()
+    one, two = _scratch(None, "x", torch.empty(3, 4)), _scratch(None, "x", torch.empty(3, 4))
+    assert one.data_ptr() != two.data_ptr()  # no workspace: a new buffer every time
+
+
 def test_exact_solve_tolerance_is_what_it_promises(space):
     """A looser ``tol`` stops earlier, yet every row stays within it of an independent float64 solve."""
     from ssm_reduce.prune.solvers import exact_solve
