@@ -680,7 +680,7 @@ def _solve_removed(w, mask, h_damped, hinv, start, b, factor, loose_target, max_
     use_f64 = False
     for round_ in range(REFINEMENTS + 1):
         while True:
-            zi, wi, bi, sup_k, sup_p = pick(z), pick(w), pick(b), pick(support), pick(removed)
+            zi, wi, bi = pick(z), pick(w), pick(b)  # (each round's masks in the dtype it works in)
             # (into scratch buffers: on a CPU, fresh pages for big temporaries cost more than the arithmetic,
             # and each pass over a float64 array about as much as a low-precision product's share)
             if use_f64:  # near the target: x = (w - z H^-1) off P and the true kept residual, in float64
@@ -695,7 +695,8 @@ def _solve_removed(w, mask, h_damped, hinv, start, b, factor, loose_target, max_
                 z32 = _scratch(work, "rm_z32", zi, torch.float32).copy_(zi)
                 y = torch.matmul(z32, inv32, out=_scratch(work, "rm_y32", z32))
                 u = torch.sub(pick(w32), y, out=_scratch(work, "rm_u32", z32))  # w - z H^-1
-                s = torch.mul(u, sup_p, out=_scratch(work, "rm_s32", z32))
+                sup_k = pick(support)
+                s = torch.mul(u, pick(removed), out=_scratch(work, "rm_s32", z32))
                 sh = torch.matmul(s, h32, out=_scratch(work, "rm_sh32", z32))
                 norm = torch.mul(sh, sup_k, out=z32).norm(dim=1).double()
                 xnorm = u.mul_(sup_k).norm(dim=1).double()
