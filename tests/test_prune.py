@@ -300,12 +300,20 @@ def test_workspace_reuse_changes_nothing():
         for (a, mask_a, stats_a), (b, mask_b, stats_b) in zip(alone, shared):
             assert torch.equal(a, b) and torch.equal(mask_a, mask_b)
             assert stats_a.relative_error == stats_b.relative_error
-    # buffers for the swap trial's rows and for the others
-    trial = (solvers.SWAP_TRIAL_ROWS, first_w.shape[1])
-    rest = (first_w.shape[0] - solvers.SWAP_TRIAL_ROWS, first_w.shape[1])
-    assert sorted(space) == sorted([(trial, "cpu"), (rest, "cpu")]) and all(space.values())
+    # buffers for the swap trial's rows, for the others, and for the whole weight (its float64 copy,
+    # the result and their difference)
+    trial = (solvers.SWAP_TRIAL_ROWS, first_w.shape[1], "cpu")
+    rest = (first_w.shape[0] - solvers.SWAP_TRIAL_ROWS, first_w.shape[1], "cpu")
+    whole = ("whole", tuple(first_w.shape), "cpu")
+    assert sorted(map(str, space)) == sorted(map(str, [trial, rest, whole])) and all(space.values())
+    assert {"w", "new", "diff"} <= set(space[whole])
     for kept in space.values():  # nothing tied to one Hessian is kept
         assert not {"operators", "removed_operators", "space"} & set(kept)
+    # float64 weights too (whose result needs no conversion): a later call leaves an earlier result alone
+    first = prune_linear(first_w.double(), h, method="mrp", sparsity=0.5, workspace=space)[0]
+    kept = first.clone()
+    prune_linear(second_w.double(), h, method="mrp", sparsity=0.5, workspace=space)
+    assert torch.equal(first, kept)
 
 
 def test_scratch_buffers_serve_fewer_rows_from_the_same_memory():

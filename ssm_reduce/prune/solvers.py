@@ -312,7 +312,7 @@ def _gather_square(matrix: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return matrix[idx[:, :, None], idx[:, None, :]]  # one pass: no (rows, r, in) intermediate
 
 
-def _remove_jointly(w1, u1, gram, remove_idx):
+def _remove_jointly(w1, u1, gram, remove_idx, work: Optional[dict] = None):
     """Jointly remove, in every row, the columns ``remove_idx`` (rows x r) of the block ``w1`` with the
     optimal multiple-removal update; returns the per-row error vectors e (rows x B) such that the
     update of any column c right of the block start is ``-e @ U[block, c]``. ``gram = U^T U`` of the
@@ -322,18 +322,20 @@ def _remove_jointly(w1, u1, gram, remove_idx):
     rows at once, one (rows x B)(B x B) product per iteration, to a relative residual of ``SWEEP_TOL``
     (at most ``SWEEP_MAX_ITER`` iterations). The sweep only chooses the mask and warm-starts the exact
     solve, which sets the kept weights to the exact optimum of the final mask whatever the sweep left;
-    batched per-row factorisations cost several times more and changed no layer's error measurably."""
+    batched per-row factorisations cost several times more and changed no layer's error measurably.
+    ``work``: scratch buffers for the solves (``_scratch``)."""
     rows, width = w1.shape
     removed = torch.zeros(rows, width, dtype=torch.bool, device=w1.device).scatter_(1, remove_idx, True)
     gram_hat, scale = _jacobi_scaled(gram)
     rhs = torch.where(removed, w1.float() * scale, 0.0)
-    z = _pcg32(rhs, removed.float(), gram_hat, SWEEP_TOL, min(SWEEP_MAX_ITER, remove_idx.shape[1])).mul_(scale)
+    z = _pcg32(rhs, removed.float(), gram_hat, SWEEP_TOL, min(SWEEP_MAX_ITER, remove_idx.shape[1]), work).mul_(scale)
     return z.to(u1.dtype) @ u1.T  # e_n = U[:, S_n] z_n (z is zero off S_n)
 
 
-def _mrp_sweep(w, upper, sparsity, nm, blocksize):
+def _mrp_sweep(w, upper, sparsity, nm, blocksize, work: Optional[dict] = None):
     """Mask selection by joint optimal removal (see module docstring, step 1); returns the swept
-    weights (a warm start for the exact solve) and the mask."""
+    weights (a warm start for the exact solve) and the mask. ``w`` is updated in place; ``work``: a dict
+    for the joint removals' scratch buffers (``_scratch``; their shapes differ from the exact solve's)."""
     rows, cols = w.shape
     mask = torch.zeros_like(w, dtype=torch.bool)
     if nm is not None:
@@ -357,7 +359,7 @@ def _mrp_sweep(w, upper, sparsity, nm, blocksize):
             if k > 0:
                 gram = u1.T @ u1  # the remaining problem's inverse Hessian on the block
                 idx = _lowest_indices(w1**2 / torch.diag(gram)[None, :], k)
-                e = _remove_jointly(w1, u1, gram, idx)
+                e = _remove_jointly(w1, u1, gram, idx, work)
                 w1 -= e @ u1
                 mask1.scatter_(1, idx, True)
                 w1.mul_(~mask1)  # exactly zero where removed
@@ -403,6 +405,7 @@ def exact_solve(
     eig_floor: Optional[float] = None,
     work: Optional[dict] = None,
     return_bound: bool = False,
+    out: Optional[tuple] = None,
 ):
     """Per row, the exact least-squares optimum on the kept support: the w' with w'_P = 0 minimising
     (w' - w) H (w' - w)^T (H damped), i.e. ``H_KK w'_K = (w H)_K``.
@@ -428,7 +431,8 @@ def exact_solve(
     ``(x - w) H (x - w)^T``, an upper bound on the optimum's, and a lower bound on that (the swap rounds
     decide through both): ``_loss_lower_bound``, or where the iteration ran in the removed weights, the
     Lagrange dual at its iterate (``_solve_removed``). ``work``: a dict of scratch buffers to reuse
-    across calls (``_scratch``).
+    across calls (``_scratch``). ``out``: two float64 arrays of the weight's shape to hold x and x H
+    (returned; neither may be ``start``), else new ones.
     """
     w = weight.double()
     rows = w.shape[0]
@@ -453,8 +457,8 @@ def exact_solve(
     if _solve_space(h_hat, hinv, mask, work) == "removed":
         return _solve_removed(w, mask, h_damped, hinv, start, b, factor if exact else None,
                               None if exact else residual_tol * scale, max_iter, return_product, work,
-                              return_bound, support, support64)
-    x = torch.empty_like(w).copy_(start).mul_(support64)
+                              return_bound, support, support64, out)
+    x = (torch.empty_like(w) if out is None else out[0]).copy_(start).mul_(support64)
     use_f64 = False  # residual products in float64 (exact solves, once a row may be near its target)
 
     def residual():
@@ -480,7 +484,7 @@ def exact_solve(
             support if index is None else support[index])
 
     b32 = _scratch(work, "b32", b, torch.float32).copy_(b)
-    xh = torch.empty_like(x)
+    xh = torch.empty_like(x) if out is None else out[1]
     direct = torch.zeros(rows, dtype=torch.bool, device=w.device)  # rows left to the direct solve
     # per row still iterating (aligned with ``index``): inner products in bfloat16, and the residual
     # norm and inner tolerance of the last round
@@ -571,7 +575,8 @@ def _loss_lower_bound(losses: torch.Tensor, wh: torch.Tensor, xh: torch.Tensor, 
     r = torch.sub(wh, xh, out=_scratch(work, "lb_r", wh)).masked_fill_(mask, 0.0)
     r32 = _scratch(work, "lb_r32", r, torch.float32).copy_(r)
     rh = torch.matmul(r32, _removed_operators(hinv, work)[3], out=_scratch(work, "lb_rh32", r32))
-    return losses - rh.mul_(r32).sum(1, dtype=torch.float64)
+    # (summed in float32, cascaded: a float64 sum would first convert the whole array)
+    return losses - rh.mul_(r32).sum(1).double()
 
 
 def _solve_space(h_hat: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, work: Optional[dict]) -> str:
@@ -639,7 +644,7 @@ def _removed_operators(hinv: torch.Tensor, work: Optional[dict]):
 
 
 def _solve_removed(w, mask, h_damped, hinv, start, b, factor, loose_target, max_iter, return_product, work,
-                   return_bound, support, support64):
+                   return_bound, support, support64, out=None):
     """``exact_solve`` in the removed weights' variables. The optimum is ``x* = w - z* H^-1`` with
     ``(H^-1)_PP z*_P = w_P`` (z zero off P); for any z, ``x = w - z H^-1`` off P (zero on P) has the kept
     residual ``r_K = (b - x H)_K = (s H)_K`` with ``s = w_P - (z H^-1)_P`` the removed residual (up to the
@@ -667,8 +672,7 @@ def _solve_removed(w, mask, h_damped, hinv, start, b, factor, loose_target, max_
     x32 = _scratch(work, "rm_u32", w, torch.float32).copy_(start).mul_(support)
     z = _scratch(work, "rm_zstate", b).copy_(torch.matmul(x32, h32, out=_scratch(work, "rm_sh32", x32)))
     torch.sub(b, z, out=z).mul_(removed64)
-    out_x = torch.empty_like(w)
-    out_xh = torch.empty_like(w)
+    out_x, out_xh = (torch.empty_like(w), torch.empty_like(w)) if out is None else out
     lower = torch.empty(rows, dtype=w.dtype, device=w.device) if return_bound else None
     direct = torch.zeros(rows, dtype=torch.bool, device=w.device)
     index = None  # every row (no copies), then the index of the rows still iterating
@@ -845,6 +849,21 @@ def _scratch(work: Optional[dict], name: str, like: torch.Tensor, dtype=None) ->
     return buffer
 
 
+def _result_buffers(work: Optional[dict], like: torch.Tensor, avoid=()) -> Optional[tuple]:
+    """``exact_solve``'s ``out``: two float64 arrays shaped like ``like`` for its x and x H, from one of
+    two pairs of scratch buffers in ``work`` (the one holding none of the arrays in ``avoid``, which
+    the caller still needs), or None (new arrays) without ``work``. The swap rounds alternate between
+    the pairs, so a solve's result is overwritten two solves later at the earliest."""
+    if work is None:
+        return None
+    held = {t.untyped_storage().data_ptr() for t in avoid if t is not None}
+    for name in ("result_a", "result_b"):
+        pair = (_scratch(work, name + "_x", like, torch.float64), _scratch(work, name + "_xh", like, torch.float64))
+        if not any(t.untyped_storage().data_ptr() in held for t in pair):
+            return pair
+    return None
+
+
 def _rows(index: Optional[torch.Tensor], rows: int, device) -> torch.Tensor:
     """The row indices ``index`` stands for (None: all ``rows``)."""
     return torch.arange(rows, device=device) if index is None else index
@@ -919,8 +938,11 @@ def _pcg_by_precision(b, support, low, a_low, a_hat, rel_tol, max_iter, work):
         if bool(part.all()):
             return _pcg32(b, support, matrix, rel_tol, max_iter, work)
         if correction is None:
-            correction = torch.empty_like(b)
-        correction[part] = _pcg32(b[part], support[part], matrix, rel_tol[part], max_iter, work)
+            correction = _scratch(work, "split_y", b)
+        rows = part.nonzero().flatten()  # (gathered into scratch buffers: no fresh pages)
+        b_part = torch.index_select(b, 0, rows, out=_scratch(work, "split_b", b[: rows.numel()]))
+        support_part = torch.index_select(support, 0, rows, out=_scratch(work, "split_support", b[: rows.numel()]))
+        correction[part] = _pcg32(b_part, support_part, matrix, rel_tol[part], max_iter, work)
     return correction
 
 
@@ -991,13 +1013,15 @@ def _factor(sub32: torch.Tensor, matrix: torch.Tensor, idx: torch.Tensor):
     return lambda b: torch.cholesky_solve(b[..., None], chol64)[..., 0]
 
 
-def _relative_error_from_losses(w, new, loss, whw, h_damped, hessian, loss_accuracy: float = 1e-12) -> float:
+def _relative_error_from_losses(w, new, loss, whw, h_damped, hessian, loss_accuracy: float = 1e-12,
+                                diff: Optional[torch.Tensor] = None) -> float:
     """``relative_error(w, new, hessian)`` from ``loss``, the sum over rows of the damped
     ``(new - w) H (new - w)^T`` (known to a relative ``loss_accuracy``), and ``whw``, the sum of
-    ``(w @ h_damped) * w`` (H_damped - H is diagonal), without two more products with H."""
+    ``(w @ h_damped) * w`` (H_damped - H is diagonal), without two more products with H. ``diff``: a
+    scratch array of w's shape and dtype for ``new - w``."""
     new = new.to(w.dtype)
     shift = torch.diag(h_damped) - torch.diag(hessian).double()
-    shift_num = (torch.linalg.vector_norm(new - w, dim=0).square() * shift).sum()
+    shift_num = (torch.linalg.vector_norm(torch.sub(new, w, out=diff), dim=0).square() * shift).sum()
     shift_den = (torch.linalg.vector_norm(w, dim=0).square() * shift).sum()
     num = loss - shift_num
     den = whw - shift_den
@@ -1076,12 +1100,14 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
     w_c, wh_c = pick(w), pick(wh)
     if exact:
         trial, trial_h = exact_solve(w_c, pick(candidate), h_damped, hinv, start=pick(solution), wh=wh_c,
-                                     return_product=True, eig_floor=eig_floor, work=work, tol=tol)
+                                     return_product=True, eig_floor=eig_floor, work=work, tol=tol,
+                                     out=_result_buffers(work, w_c, (solution, solution_h)))
         trial_losses, trial_lower = _row_losses(w_c, trial, wh_c, trial_h, work), None
     else:
         trial, trial_h, trial_losses, trial_lower = exact_solve(
             w_c, pick(candidate), h_damped, hinv, start=pick(solution), wh=wh_c, return_product=True,
-            residual_tol=SWAP_TOL, work=work, return_bound=True)
+            residual_tol=SWAP_TOL, work=work, return_bound=True,
+            out=_result_buffers(work, w_c, (solution, solution_h)))
     # certainly better: the candidate's loss is below any the current mask can reach
     improved = trial_losses < pick(lower)
     if exact:
@@ -1134,13 +1160,15 @@ def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, wo
     damped losses ``(new - w) h (new - w)^T``, the sum of ``(w @ h) * w`` over them, how many rows took a
     swap, ``new @ h``). ``sweep``: the rows' (swept weights, mask) when the caller has them; ``solved``:
     the exact solution of that mask as this function returns it without swap rounds (the swap rounds
-    then start from it instead of from a loose solve). Neither is modified."""
+    then start from it instead of from a loose solve). Neither is modified. With ``work``, the new rows
+    and their product are scratch buffers of it (``_result_buffers``), valid until its next solves."""
     if sweep is None:
         # in float32: the sweep only picks the mask and a starting point (the masks match float64's)
-        swept, mask = _mrp_sweep(w.float(), upper.float(), sparsity, nm, blocksize)
+        swept, mask = _mrp_sweep(_scratch(work, "sweep_w32", w, torch.float32).copy_(w), upper.float(), sparsity,
+                                 nm, blocksize, None if work is None else work.setdefault("sweep", {}))
     else:
         swept, mask = sweep[0], sweep[1].clone()  # (the swap rounds update their mask in place)
-    wh = w @ h
+    wh = torch.matmul(w, h, out=_scratch(work, "mrp_wh", w))
     improved_rows = 0
     exact = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)  # rows holding their exact solution
     if swap_rounds and solved is not None:  # exact solutions: their losses are the optimal ones
@@ -1149,10 +1177,11 @@ def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, wo
         exact.fill_(True)
     elif swap_rounds:  # loose solutions, their losses, and lower bounds on their masks' optimal losses
         new, new_h, losses, lower = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True,
-                                                residual_tol=SWAP_TOL, work=work, return_bound=True)
+                                                residual_tol=SWAP_TOL, work=work, return_bound=True,
+                                                out=_result_buffers(work, w))
     else:
         new, new_h = exact_solve(w, mask, h, hinv, start=swept, wh=wh, return_product=True, eig_floor=floor,
-                                 work=work, tol=tol)
+                                 work=work, tol=tol, out=_result_buffers(work, w))
         losses = _row_losses(w, new, wh, new_h, work)
     for round_ in range(swap_rounds):
         last = round_ == swap_rounds - 1  # the last round's re-solves are exact
@@ -1167,12 +1196,13 @@ def _mrp_rows(w, h, hinv, upper, floor, sparsity, nm, blocksize, swap_rounds, wo
     if swap_rounds:  # the final mask solved exactly, where the rounds left a loose solution
         if not bool(exact.any()):
             new, new_h = exact_solve(w, mask, h, hinv, start=new, wh=wh, return_product=True, eig_floor=floor,
-                                     work=work, tol=tol)
+                                     work=work, tol=tol, out=_result_buffers(work, w, (new, new_h)))
             losses = _row_losses(w, new, wh, new_h, work)
         elif not bool(exact.all()):
             rest = (~exact).nonzero().flatten()
             new[rest], new_h[rest] = exact_solve(w[rest], mask[rest], h, hinv, start=new[rest], wh=wh[rest],
-                                                 return_product=True, eig_floor=floor, work=work, tol=tol)
+                                                 return_product=True, eig_floor=floor, work=work, tol=tol,
+                                                 out=_result_buffers(work, w[rest], (new, new_h)))
             losses[rest] = _row_losses(w[rest], new[rest], wh[rest], new_h[rest])
     return new, mask, losses, torch.dot(wh.flatten(), w.flatten()), improved_rows, new_h
 
@@ -1226,7 +1256,11 @@ def prune_linear(
     stats = SolveStats(method=method, sparsity=0.0, relative_error=0.0, seconds=0.0, damp=damp)
     if weight.numel() == 0:  # no rows (or no inputs): nothing to remove
         return weight.clone(), torch.zeros(weight.shape, dtype=torch.bool, device=weight.device), stats
-    w = weight.double()
+    # mrp: the whole weight's float64 arrays in scratch buffers too (``workspace``)
+    whole = None if method != "mrp" else {} if workspace is None else workspace.setdefault(
+        ("whole", tuple(weight.shape), str(weight.device)), {})
+    w = weight.double() if whole is None or weight.dtype == torch.float64 else _scratch(
+        whole, "w", weight, torch.float64).copy_(weight)
     if method == "magnitude":
         mask = _score_mask(w.abs(), sparsity, nm)
         new = w.masked_fill(mask, 0.0)
@@ -1247,14 +1281,16 @@ def prune_linear(
             shift = torch.diag(h) - torch.diag(hessian).to(h.dtype)  # H_damped - H is diagonal
             floor = _eig_floor(h, hinv, 0.9 * float(shift.min()))
             tol = weight_tolerance(weight.dtype)
-            new, mask = torch.empty_like(w), torch.empty(w.shape, dtype=torch.bool, device=w.device)
+            works = {"whole": whole}  # scratch buffers shared by the solves (and, through ``workspace``, by
+            # later calls)
+            new, mask = _scratch(whole, "new", w), torch.empty(w.shape, dtype=torch.bool, device=w.device)
             loss = whw = 0.0
-            works = {}  # scratch buffers shared by the solves (and, through ``workspace``, by later calls)
 
             def solve(index, rounds, sweep=None, solved=None):
-                rows = w[index]
-                key = (tuple(rows.shape), str(w.device))
+                key = (int(w.shape[0] if isinstance(index, slice) else index.numel()), w.shape[1], str(w.device))
                 work = works.setdefault(key, {} if workspace is None else workspace.setdefault(key, {}))
+                rows = w if isinstance(index, slice) else torch.index_select(w, 0, index, out=_scratch(
+                    work, "rows", w[: index.numel()]))
                 for other in works.values():  # what is tied to this Hessian serves rows of any shape
                     for name in HESSIAN_KEYS:
                         if name in other:
@@ -1274,7 +1310,8 @@ def prune_linear(
                 # report shows (module docstring, step 3)
                 trial = _trial_rows(w.shape[0], SWAP_TRIAL_ROWS, w.device)
                 sweep = _mrp_sweep(w[trial].float(), upper.float(), sparsity or 0.0, nm, blocksize)  # shared
-                results = {0: solve(trial, 0, sweep)}
+                # (copied: the second solve's scratch buffers take the first's place)
+                results = {0: tuple(t.clone() if torch.is_tensor(t) else t for t in solve(trial, 0, sweep))}
                 results[swap_rounds] = solve(trial, swap_rounds, sweep, results[0])  # from those exact solutions
                 error = {r: float((res[2] - (res[0] - w[trial]).square().mul_(shift).sum(1)).sum())
                          for r, res in results.items()}
@@ -1299,12 +1336,13 @@ def prune_linear(
                 for key in HESSIAN_KEYS:
                     work.pop(key, None)
     stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
-    result = new.to(weight.dtype)
+    result = new.to(weight.dtype, copy=method == "mrp")  # (mrp's ``new`` is a scratch buffer)
     if method in ("sparsegpt", "mrp") and torch.finfo(weight.dtype).bits < 32:
         # half-precision weights: the error of what is returned, after rounding (one more product)
         stats.relative_error = relative_error(weight, result, hessian)
     elif method == "mrp":
-        stats.relative_error = _relative_error_from_losses(w, new, loss, whw, h, hessian)
+        stats.relative_error = _relative_error_from_losses(w, new, loss, whw, h, hessian,
+                                                           diff=_scratch(whole, "diff", w))
     elif method == "sparsegpt":
         stats.relative_error = _relative_error_from_losses(w, new, loss, (wh * w).sum(), h, hessian,
                                                            loss_accuracy=1e-6)
