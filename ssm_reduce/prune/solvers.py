@@ -880,8 +880,9 @@ def _pcg32(b, support, a_hat, rel_tol, max_iter, work: Optional[dict] = None):
     off the support and is overwritten (it becomes the residual); ``y`` may be a buffer of ``work``
     (``_scratch``), valid until the next call with the same ``work``.
 
-    No big buffer is allocated inside the loop (on a CPU, fresh pages cost more than the arithmetic), and
-    row dot products are a product then a sum (several times faster there than ``vecdot``)."""
+    No big buffer is allocated inside the loop (on a CPU, fresh pages cost more than the arithmetic); row
+    dot products are a product then a sum (faster there than ``vecdot``), squared norms a ``vector_norm``
+    (one pass, no product written), and a low-precision product is masked before it is converted."""
     y = _scratch(work, "cg_y", b).zero_()
     r = b  # overwritten: callers pass a temporary
     p = _scratch(work, "cg_p", b).copy_(r)
@@ -889,20 +890,24 @@ def _pcg32(b, support, a_hat, rel_tol, max_iter, work: Optional[dict] = None):
     low = a_hat.dtype != torch.float32
     if low:
         p_low, hp_low = _scratch(work, "cg_p_low", b, a_hat.dtype), _scratch(work, "cg_hp_low", b, a_hat.dtype)
+        support_low = _scratch(work, "cg_support_low", b, a_hat.dtype).copy_(support)  # (0 and 1: exact)
 
     def dot(u, v):
         return torch.mul(u, v, out=tmp).sum(1)
 
-    rr = dot(r, r)
+    def squared_norm(u):
+        return torch.linalg.vector_norm(u, dim=1).square_()
+
+    rr = squared_norm(r)
     target = rr * rel_tol**2
     for _ in range(max_iter):
         if bool((rr <= target).all()):
             break
+        # masked: keeps r, and so p, on the support
         if low:
-            hp.copy_(torch.matmul(p_low.copy_(p), a_hat, out=hp_low))
+            hp.copy_(torch.matmul(p_low.copy_(p), a_hat, out=hp_low).mul_(support_low))
         else:
-            torch.matmul(p, a_hat, out=hp)
-        hp.mul_(support)  # keeps r, and so p, on the support
+            torch.matmul(p, a_hat, out=hp).mul_(support)
         curvature = dot(p, hp)
         # a row whose operator float32 sees as not positive definite (p A p <= 0, or not finite) stops
         # for good where it is (rr = 0 from then on); the caller's float64 check or direct solve takes over
@@ -910,7 +915,7 @@ def _pcg32(b, support, a_hat, rel_tol, max_iter, work: Optional[dict] = None):
         alpha = torch.where(live, rr / torch.where(live, curvature, 1.0), 0.0)[:, None]
         y.addcmul_(alpha, p)
         r.addcmul_(alpha, hp, value=-1.0)
-        rr_next = torch.where(live, dot(r, r), 0.0)
+        rr_next = torch.where(live, squared_norm(r), 0.0)
         beta = torch.where(live, rr_next / torch.where(live, rr, 1.0), 0.0)[:, None]
         torch.addcmul(r, p, beta, out=p)  # p = r + beta p, in one pass
         rr = rr_next
