@@ -73,6 +73,7 @@ import math
 import numbers
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -406,6 +407,7 @@ def exact_solve(
     work: Optional[dict] = None,
     return_bound: bool = False,
     out: Optional[tuple] = None,
+    start_h: Optional[torch.Tensor] = None,
 ):
     """Per row, the exact least-squares optimum on the kept support: the w' with w'_P = 0 minimising
     (w' - w) H (w' - w)^T (H damped), i.e. ``H_KK w'_K = (w H)_K``.
@@ -432,7 +434,9 @@ def exact_solve(
     decide through both): ``_loss_lower_bound``, or where the iteration ran in the removed weights, the
     Lagrange dual at its iterate (``_solve_removed``). ``work``: a dict of scratch buffers to reuse
     across calls (``_scratch``). ``out``: two float64 arrays of the weight's shape to hold x and x H
-    (returned; neither may be ``start``), else new ones.
+    (returned; neither may be ``start``), else new ones. ``start_h``: the start's product with H after
+    it is masked (``(start * ~mask) @ h_damped``, to float32 accuracy at least) where the caller has it,
+    for the first residual.
     """
     w = weight.double()
     rows = w.shape[0]
@@ -457,7 +461,7 @@ def exact_solve(
     if _solve_space(h_hat, hinv, mask, work) == "removed":
         return _solve_removed(w, mask, h_damped, hinv, start, b, factor if exact else None,
                               None if exact else residual_tol * scale, max_iter, return_product, work,
-                              return_bound, support, support64, out)
+                              return_bound, support, support64, out, start_h)
     x = (torch.empty_like(w) if out is None else out[0]).copy_(start).mul_(support64)
     use_f64 = False  # residual products in float64 (exact solves, once a row may be near its target)
 
@@ -465,6 +469,7 @@ def exact_solve(
         """The kept residual b - x H of the rows iterating, and their x H into ``xh`` where it may be kept:
         in float64, or in float32 (the rounding of the residual is then the product's; x H is kept only
         by loose solves, whose rows may stop on it)."""
+        nonlocal start_h
         rows_x = x if index is None else x[index]
         if use_f64:
             if index is None:
@@ -472,8 +477,11 @@ def exact_solve(
             product = rows_x @ h_damped
             xh[index] = product
             return torch.sub(b[index], product, out=product).mul_(support64[index])
-        x32 = _scratch(work, "x32", rows_x, torch.float32).copy_(rows_x)
-        product = torch.matmul(x32, h32, out=_scratch(work, "xh32", rows_x, torch.float32))
+        if start_h is not None and index is None:  # the start's product, from the caller
+            product, start_h = _scratch(work, "xh32", rows_x, torch.float32).copy_(start_h), None
+        else:
+            x32 = _scratch(work, "x32", rows_x, torch.float32).copy_(rows_x)
+            product = torch.matmul(x32, h32, out=_scratch(work, "xh32", rows_x, torch.float32))
         if not exact:
             if index is None:
                 xh.copy_(product)
@@ -644,7 +652,7 @@ def _removed_operators(hinv: torch.Tensor, work: Optional[dict]):
 
 
 def _solve_removed(w, mask, h_damped, hinv, start, b, factor, loose_target, max_iter, return_product, work,
-                   return_bound, support, support64, out=None):
+                   return_bound, support, support64, out=None, start_h=None):
     """``exact_solve`` in the removed weights' variables. The optimum is ``x* = w - z* H^-1`` with
     ``(H^-1)_PP z*_P = w_P`` (z zero off P); for any z, ``x = w - z H^-1`` off P (zero on P) has the kept
     residual ``r_K = (b - x H)_K = (s H)_K`` with ``s = w_P - (z H^-1)_P`` the removed residual (up to the
@@ -669,8 +677,11 @@ def _solve_removed(w, mask, h_damped, hinv, start, b, factor, loose_target, max_
     h32 = _operators(h_damped, work)[3]
     w32 = _scratch(work, "rm_w32", w, torch.float32).copy_(w)
     # start from x (the start, off P): z = (b - x H)_P (exact when x is the optimum)
-    x32 = _scratch(work, "rm_u32", w, torch.float32).copy_(start).mul_(support)
-    z = _scratch(work, "rm_zstate", b).copy_(torch.matmul(x32, h32, out=_scratch(work, "rm_sh32", x32)))
+    if start_h is None:
+        x32 = _scratch(work, "rm_u32", w, torch.float32).copy_(start).mul_(support)
+        z = _scratch(work, "rm_zstate", b).copy_(torch.matmul(x32, h32, out=_scratch(work, "rm_sh32", x32)))
+    else:  # (the caller's product of the start)
+        z = _scratch(work, "rm_zstate", b).copy_(start_h)
     torch.sub(b, z, out=z).mul_(removed64)
     out_x, out_xh = (torch.empty_like(w), torch.empty_like(w)) if out is None else out
     lower = torch.empty(rows, dtype=w.dtype, device=w.device) if return_bound else None
@@ -1101,18 +1112,25 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
     def pick(t: torch.Tensor) -> torch.Tensor:
         return t if index is None else t[index]
 
-    exact = eig_floor is not None
     w_c, wh_c = pick(w), pick(wh)
+    # the start (the current solution, its dropped weights now removed) times H, without a dense product:
+    # the current one less the dropped weights' share (a sparse product)
+    entry_rows = rows_idx[worth]
+    dropped = _sparse_rows(entry_rows if index is None else torch.searchsorted(index, entry_rows),
+                           drop[worth], solution[entry_rows, drop[worth]], (rows if index is None else index.numel(), cols))
+    start_h = torch.addmm(pick(solution_h), dropped, h_damped, alpha=-1.0, out=_scratch(work, "start_h", w_c))
+    exact = eig_floor is not None
     if exact:
         trial, trial_h = exact_solve(w_c, pick(candidate), h_damped, hinv, start=pick(solution), wh=wh_c,
                                      return_product=True, eig_floor=eig_floor, work=work, tol=tol,
-                                     out=_result_buffers(work, w_c, (solution, solution_h)))
+                                     out=_result_buffers(work, w_c, (solution, solution_h)), start_h=start_h)
         trial_losses, trial_lower = _row_losses(w_c, trial, wh_c, trial_h, work), None
     else:
         trial, trial_h, trial_losses, trial_lower = exact_solve(
             w_c, pick(candidate), h_damped, hinv, start=pick(solution), wh=wh_c, return_product=True,
             residual_tol=SWAP_TOL, work=work, return_bound=True,
-            out=_result_buffers(work, w_c, (solution, solution_h)))
+            out=_result_buffers(work, w_c, (solution, solution_h)), start_h=start_h)
+    del start_h
     # certainly better: the candidate's loss is below any the current mask can reach
     improved = trial_losses < pick(lower)
     if exact:
@@ -1149,6 +1167,16 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
     if exact:
         solved |= taken
     return mask, solution, solution_h, losses, lower, taken, solved
+
+
+def _sparse_rows(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    """A sparse (CSR) matrix of ``shape`` with ``values`` at (``rows``, ``cols``), entries sorted by row
+    (products with it cost its entries, not its size)."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=values.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
+    with warnings.catch_warnings():  # ("beta" support: the matrix product is all this needs)
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, values, size=shape)
 
 
 def _trial_rows(rows: int, count: int, device) -> torch.Tensor:
