@@ -334,6 +334,37 @@ def test_scratch_buffers_serve_fewer_rows_from_the_same_memory():
     assert one.data_ptr() != two.data_ptr()  # no workspace: a new buffer every time
 
 
+def test_exact_solve_start_product_from_the_caller(space):
+    """``start_h`` (the masked start's product with H, which the swap rounds get from a sparse product)
+    replaces the first residual's product: the same exact solution, within the tolerance of an
+    independent solve, in either iteration; and ``_sparse_rows`` multiplies as its dense matrix does."""
+    from ssm_reduce.prune.solvers import _sparse_rows, exact_solve
+
+    w, h = correlated_problem(out=32, inp=64)
+    damped = damped_reference(h)
+    hinv = torch.linalg.inv(damped)
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(w.shape, generator=gen).argsort(1) < 32
+    want = _independent_solve(w, mask, damped)
+    start = w.double() + 0.1 * torch.randn(w.shape, generator=gen, dtype=torch.float64)  # not zero on the mask
+    start_h = start.masked_fill(mask, 0.0) @ damped
+    plain = exact_solve(w, mask, damped, hinv, start=start)
+    given = exact_solve(w, mask, damped, hinv, start=start, start_h=start_h)
+    assert max_row_error(plain, want) <= 5e-5 and max_row_error(given, want) <= 5e-5
+    loose, loose_h = exact_solve(w, mask, damped, hinv, start=start, start_h=start_h, residual_tol=1e-2,
+                                 return_product=True)
+    assert torch.allclose(loose_h, loose @ damped, rtol=0, atol=1e-5 * float((loose @ damped).abs().max()))
+    assert not bool(loose[mask].any())
+    # it is what the first residual uses: a wrong one sends the loose solve elsewhere
+    wrong = exact_solve(w, mask, damped, hinv, start=start, start_h=2 * start_h, residual_tol=1e-2)
+    assert not torch.allclose(wrong, loose, rtol=0, atol=1e-3 * float(loose.abs().max()))
+    rows, cols = torch.tensor([0, 0, 2, 3, 3]), torch.tensor([1, 4, 0, 2, 5])
+    values = torch.randn(5, generator=gen, dtype=torch.float64)
+    dense = torch.zeros(4, 6, dtype=torch.float64).index_put_((rows, cols), values)
+    matrix = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    assert torch.allclose(_sparse_rows(rows, cols, values, (4, 6)) @ matrix, dense @ matrix, rtol=0, atol=1e-13)
+
+
 def test_exact_solve_tolerance_is_what_it_promises(space):
     """A looser ``tol`` stops earlier, yet every row stays within it of an independent float64 solve."""
     from ssm_reduce.prune.solvers import exact_solve
