@@ -1029,16 +1029,39 @@ def _factor(sub32: torch.Tensor, matrix: torch.Tensor, idx: torch.Tensor):
     return lambda b: torch.cholesky_solve(b[..., None], chol64)[..., 0]
 
 
-def _relative_error_from_losses(w, new, loss, whw, h_damped, hessian, loss_accuracy: float = 1e-12,
-                                diff: Optional[torch.Tensor] = None) -> float:
+# Row chunks (in elements) of the passes over a whole weight that need float64 copies of it (the error's
+# damping terms, sparsegpt's denominator): small temporaries, no fresh pages for whole-weight arrays.
+ROW_PASS_ELEMENTS = 1 << 18
+
+
+def _row_chunks(rows: int, cols: int):
+    step = max(1, ROW_PASS_ELEMENTS // max(1, cols))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def _weighted_square_sum(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The sum over rows of ``w H w^T`` in float64, row chunk by row chunk (``ROW_PASS_ELEMENTS``)."""
+    total = torch.zeros((), dtype=torch.float64, device=w.device)
+    for r1, r2 in _row_chunks(*w.shape):
+        rows = w[r1:r2].double()
+        total += torch.dot((rows @ h).flatten(), rows.flatten())
+    return total
+
+
+def _relative_error_from_losses(w, new, loss, whw, h_damped, hessian, loss_accuracy: float = 1e-12) -> float:
     """``relative_error(w, new, hessian)`` from ``loss``, the sum over rows of the damped
     ``(new - w) H (new - w)^T`` (known to a relative ``loss_accuracy``), and ``whw``, the sum of
-    ``(w @ h_damped) * w`` (H_damped - H is diagonal), without two more products with H. ``diff``: a
-    scratch array of w's shape and dtype for ``new - w``."""
-    new = new.to(w.dtype)
+    ``(w @ h_damped) * w`` (H_damped - H is diagonal), without two more products with H. The damping's
+    terms in float64, row chunk by row chunk (``ROW_PASS_ELEMENTS``), whatever the dtypes of w and new."""
     shift = torch.diag(h_damped) - torch.diag(hessian).double()
-    shift_num = (torch.linalg.vector_norm(torch.sub(new, w, out=diff), dim=0).square() * shift).sum()
-    shift_den = (torch.linalg.vector_norm(w, dim=0).square() * shift).sum()
+    squares_new = torch.zeros_like(shift)
+    squares_w = torch.zeros_like(shift)
+    for r1, r2 in _row_chunks(*w.shape):
+        rows = w[r1:r2].double()
+        squares_w += rows.square().sum(0)
+        squares_new += new[r1:r2].double().sub_(rows).square_().sum(0)
+    shift_num = (squares_new * shift).sum()
+    shift_den = (squares_w * shift).sum()
     num = loss - shift_num
     den = whw - shift_den
     # where the damping dominates, the subtractions cancel: below 4 significant digits, compute directly
@@ -1289,11 +1312,12 @@ def prune_linear(
     stats = SolveStats(method=method, sparsity=0.0, relative_error=0.0, seconds=0.0, damp=damp)
     if weight.numel() == 0:  # no rows (or no inputs): nothing to remove
         return weight.clone(), torch.zeros(weight.shape, dtype=torch.bool, device=weight.device), stats
-    # mrp: the whole weight's float64 arrays in scratch buffers too (``workspace``)
+    # mrp: the whole weight's float64 arrays in scratch buffers too (``workspace``); sparsegpt works in
+    # float32 and takes its float64 sums row chunk by row chunk (no whole-weight float64 copy)
     whole = None if method != "mrp" else {} if workspace is None else workspace.setdefault(
         ("whole", tuple(weight.shape), str(weight.device)), {})
-    w = weight.double() if whole is None or weight.dtype == torch.float64 else _scratch(
-        whole, "w", weight, torch.float64).copy_(weight)
+    w = weight if method == "sparsegpt" else weight.double() if whole is None or weight.dtype == torch.float64 \
+        else _scratch(whole, "w", weight, torch.float64).copy_(weight)
     if method == "magnitude":
         mask = _score_mask(w.abs(), sparsity, nm)
         new = w.masked_fill(mask, 0.0)
@@ -1306,9 +1330,10 @@ def prune_linear(
         if method == "sparsegpt":
             # float32, as the reference implementation (float64 gave the same masks and errors to 6 digits
             # on the benchmark layers, at 1.3-1.5x the time)
-            new, mask, loss = _sparsegpt(w.float(), upper.float(), sparsity or 0.0, nm, blocksize)
+            new, mask, loss = _sparsegpt(w.to(torch.float32, copy=True), upper.float(), sparsity or 0.0, nm,
+                                         blocksize)
             # (both sweeps and the exact solve leave removed weights exactly zero: no masking after)
-            wh = w @ h  # the error's denominator (its numerator is the sweep's loss)
+            whw = _weighted_square_sum(w, h)  # the error's denominator (its numerator is the sweep's loss)
         else:
             # H = hessian + damping >= 0.9 x the smallest diagonal shift if hessian is PSD (verified)
             shift = torch.diag(h) - torch.diag(hessian).to(h.dtype)  # H_damped - H is diagonal
@@ -1368,17 +1393,15 @@ def prune_linear(
             for work in works.values():  # drop what is specific to this Hessian (shared by its chunks)
                 for key in HESSIAN_KEYS:
                     work.pop(key, None)
-    stats.sparsity = float(mask.float().mean()) if mask.numel() else 0.0
+    stats.sparsity = float(mask.sum()) / mask.numel() if mask.numel() else 0.0  # (exact: a count)
     result = new.to(weight.dtype, copy=method == "mrp")  # (mrp's ``new`` is a scratch buffer)
     if method in ("sparsegpt", "mrp") and torch.finfo(weight.dtype).bits < 32:
         # half-precision weights: the error of what is returned, after rounding (one more product)
         stats.relative_error = relative_error(weight, result, hessian)
     elif method == "mrp":
-        stats.relative_error = _relative_error_from_losses(w, new, loss, whw, h, hessian,
-                                                           diff=_scratch(whole, "diff", w))
+        stats.relative_error = _relative_error_from_losses(w, new, loss, whw, h, hessian)
     elif method == "sparsegpt":
-        stats.relative_error = _relative_error_from_losses(w, new, loss, (wh * w).sum(), h, hessian,
-                                                           loss_accuracy=1e-6)
+        stats.relative_error = _relative_error_from_losses(w, new, loss, whw, h, hessian, loss_accuracy=1e-6)
     else:
         stats.relative_error = relative_error(weight, new, hessian)
     stats.seconds = time.perf_counter() - start
