@@ -1393,7 +1393,7 @@ def prune_linear(
             for work in works.values():  # drop what is specific to this Hessian (shared by its chunks)
                 for key in HESSIAN_KEYS:
                     work.pop(key, None)
-    stats.sparsity = float(mask.sum()) / mask.numel() if mask.numel() else 0.0  # (exact: a count)
+    stats.sparsity = float(torch.count_nonzero(mask)) / mask.numel() if mask.numel() else 0.0  # (exact: a count)
     result = new.to(weight.dtype, copy=method == "mrp")  # (mrp's ``new`` is a scratch buffer)
     if method in ("sparsegpt", "mrp") and torch.finfo(weight.dtype).bits < 32:
         # half-precision weights: the error of what is returned, after rounding (one more product)
