@@ -200,12 +200,16 @@ def check_swap_rounds(swap_rounds) -> None:
 
 
 def relative_error(original: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
-    """||W X - W' X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T) with D = W - W'."""
+    """||W X - W' X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T) with D = W - W', in float64, a few rows
+    at a time (``ROW_PASS_ELEMENTS``: no float64 copies of whole weights)."""
     h = hessian.double()
-    w = original.double()
-    d = w - pruned.double()
-    num = (d @ h).mul_(d).sum()
-    den = (w @ h).mul_(w).sum()
+    num = torch.zeros((), dtype=torch.float64, device=h.device)
+    den = torch.zeros((), dtype=torch.float64, device=h.device)
+    for r1, r2 in _row_chunks(*original.shape):
+        w = original[r1:r2].double()
+        d = w - pruned[r1:r2].double()
+        num += torch.dot((d @ h).flatten(), d.flatten())
+        den += torch.dot((w @ h).flatten(), w.flatten())
     if not math.isfinite(float(num)) or not math.isfinite(float(den)):
         return math.nan
     return float(num / den) if float(den) > 0 else 0.0
@@ -1031,7 +1035,7 @@ def _factor(sub32: torch.Tensor, matrix: torch.Tensor, idx: torch.Tensor):
 
 # Row chunks (in elements) of the passes over a whole weight that need float64 copies of it (the error's
 # damping terms, sparsegpt's denominator): small temporaries, no fresh pages for whole-weight arrays.
-ROW_PASS_ELEMENTS = 1 << 18
+ROW_PASS_ELEMENTS = 1 << 20
 
 
 def _row_chunks(rows: int, cols: int):
