@@ -94,8 +94,8 @@ def _timing_table(layer) -> str:
         f"; weights in {dtype}, which mrp solves to their precision (a sixteenth of their epsilon)")
     return (f"Time on random layers of the {' and '.join(shapes)} shape (median of {layer['repeats']} rounds that "
             "run every method once, in a fresh process; ratios: median of the per-round ratios; each time is "
-            "the whole `prune_linear` call, the reported error included; sparsegpt sweeps in float32 as its "
-            "reference implementation; mrp sweeps in float32 and solves exactly — conjugate gradients with "
+            "the whole `prune_linear` call, the reported error included, whose float64 sums go a few rows at a "
+            "time; sparsegpt sweeps a float32 copy as its reference implementation; mrp sweeps in float32 and solves exactly — conjugate gradients with "
             "bfloat16 products where the hardware does them fast, refined with float32 then float64 "
             "residuals"
             + (" — keeping its scratch buffers from call to call as `prune` does across layers on a CPU"

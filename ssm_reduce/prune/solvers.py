@@ -1293,9 +1293,11 @@ def prune_linear(
             on 32 rows skips them for the layer where they would not lower its error.
         workspace: ``mrp``: a dict in which to keep the solves' scratch buffers for later calls with the
             same shapes (``prune`` passes one per run on a CPU, where fresh pages for big buffers cost
-            as much as the arithmetic; it holds a few arrays of a row chunk's size until dropped).
-            Not thread-safe. ``mrp`` works through the rows in chunks of at most
-            ``MRP_CHUNK_ELEMENTS`` elements, which bounds its memory.
+            as much as the arithmetic: about 5000 page faults per 20 MB; it holds, until dropped, about
+            20 float64 arrays of a row chunk's size and two of the weight's: its float64 copy and the
+            result before conversion). The returned weight is always a new tensor. Not thread-safe.
+            ``mrp`` works through the rows in chunks of at most ``MRP_CHUNK_ELEMENTS`` elements, which
+            bounds its memory.
     Returns:
         (new_weight in weight's dtype, mask (out, in) bool True where removed, SolveStats)
     """
