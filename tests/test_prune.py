@@ -106,6 +106,23 @@ def test_error_statistic_equals_the_direct_formula_with_dead_inputs(variant, tar
     assert stats.relative_error == pytest.approx(relative_error(w, new, h), rel=rel, abs=1e-15)
 
 
+def test_error_helpers_leave_float64_arrays_alone():
+    """The row-chunk error helpers convert rows with ``.double()``, a view for float64 arrays: they must
+    not write into them (the fallback to the direct formula then sees the true weights)."""
+    from ssm_reduce.prune.solvers import _relative_error_from_losses, _weighted_square_sum
+
+    w, h = correlated_problem(seed=8)
+    w = w.double()
+    damped = damped_reference(h)
+    new = w.masked_fill(torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) < 0.5, 0.0)
+    w_before, new_before = w.clone(), new.clone()
+    direct = relative_error(w, new, h)
+    assert _weighted_square_sum(w, damped, minus=new) > 0
+    # loss 0 forces the fallback to the direct formula
+    assert _relative_error_from_losses(w, new, 0.0, _weighted_square_sum(w, damped), damped, h) == pytest.approx(direct)
+    assert torch.equal(w, w_before) and torch.equal(new, new_before)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_inputs_are_left_alone(method):
     """prune_linear returns new tensors: the weight and Hessian passed in (float32 or float64, which some

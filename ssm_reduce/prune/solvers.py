@@ -122,6 +122,9 @@ LOW_MIN_FEATURES = 512
 # The variables the exact solve iterates in: "kept" (H_KK), "removed" ((H^-1)_PP) or "auto" (per layer,
 # whichever is much better conditioned; ``_solve_space``).
 SOLVE_SPACE = "auto"
+# Row chunks (in elements) of the passes over a whole weight that need float64 copies of it (errors and
+# their damping terms, sparsegpt's denominator): small temporaries, no fresh pages for whole-weight arrays.
+ROW_PASS_ELEMENTS = 1 << 20
 # Swap rounds stop once a round lowers the layer's (damped) error by less than this fraction.
 SWAP_MIN_GAIN = 0.01
 # Swap rounds solve the current masks, and every round's candidates but the last's, to this relative
@@ -199,17 +202,30 @@ def check_swap_rounds(swap_rounds) -> None:
         raise ValueError(f"swap_rounds must be an integer >= 0 (0 = no swap rounds), got {swap_rounds!r}")
 
 
+def _row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """(first, end) of row chunks of at most ``ROW_PASS_ELEMENTS`` elements (at least one row each)."""
+    step = max(1, ROW_PASS_ELEMENTS // max(1, cols))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def _weighted_square_sum(w: torch.Tensor, h: torch.Tensor, minus: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The sum over rows of ``v H v^T`` with ``v = w`` (or ``w - minus``), in float64, row chunk by row
+    chunk (``ROW_PASS_ELEMENTS``: no float64 copy of the whole weight)."""
+    total = torch.zeros((), dtype=torch.float64, device=w.device)
+    for r1, r2 in _row_chunks(*w.shape):
+        rows = w[r1:r2].double()  # (a view where w is float64: not to be written)
+        if minus is not None:
+            rows = rows - minus[r1:r2].double()
+        total += torch.dot((rows @ h).flatten(), rows.flatten())
+    return total
+
+
 def relative_error(original: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
     """||W X - W' X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T) with D = W - W', in float64, a few rows
-    at a time (``ROW_PASS_ELEMENTS``: no float64 copies of whole weights)."""
+    at a time (``_weighted_square_sum``)."""
     h = hessian.double()
-    num = torch.zeros((), dtype=torch.float64, device=h.device)
-    den = torch.zeros((), dtype=torch.float64, device=h.device)
-    for r1, r2 in _row_chunks(*original.shape):
-        w = original[r1:r2].double()
-        d = w - pruned[r1:r2].double()
-        num += torch.dot((d @ h).flatten(), d.flatten())
-        den += torch.dot((w @ h).flatten(), w.flatten())
+    num = _weighted_square_sum(original, h, minus=pruned)
+    den = _weighted_square_sum(original, h)
     if not math.isfinite(float(num)) or not math.isfinite(float(den)):
         return math.nan
     return float(num / den) if float(den) > 0 else 0.0
@@ -1033,25 +1049,6 @@ def _factor(sub32: torch.Tensor, matrix: torch.Tensor, idx: torch.Tensor):
     return lambda b: torch.cholesky_solve(b[..., None], chol64)[..., 0]
 
 
-# Row chunks (in elements) of the passes over a whole weight that need float64 copies of it (the error's
-# damping terms, sparsegpt's denominator): small temporaries, no fresh pages for whole-weight arrays.
-ROW_PASS_ELEMENTS = 1 << 20
-
-
-def _row_chunks(rows: int, cols: int):
-    step = max(1, ROW_PASS_ELEMENTS // max(1, cols))
-    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
-
-
-def _weighted_square_sum(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The sum over rows of ``w H w^T`` in float64, row chunk by row chunk (``ROW_PASS_ELEMENTS``)."""
-    total = torch.zeros((), dtype=torch.float64, device=w.device)
-    for r1, r2 in _row_chunks(*w.shape):
-        rows = w[r1:r2].double()
-        total += torch.dot((rows @ h).flatten(), rows.flatten())
-    return total
-
-
 def _relative_error_from_losses(w, new, loss, whw, h_damped, hessian, loss_accuracy: float = 1e-12) -> float:
     """``relative_error(w, new, hessian)`` from ``loss``, the sum over rows of the damped
     ``(new - w) H (new - w)^T`` (known to a relative ``loss_accuracy``), and ``whw``, the sum of
@@ -1063,7 +1060,7 @@ def _relative_error_from_losses(w, new, loss, whw, h_damped, hessian, loss_accur
     for r1, r2 in _row_chunks(*w.shape):
         rows = w[r1:r2].double()
         squares_w += rows.square().sum(0)
-        squares_new += new[r1:r2].double().sub_(rows).square_().sum(0)
+        squares_new += (new[r1:r2].double() - rows).square_().sum(0)  # (.double() may be a view: no in place)
     shift_num = (squares_new * shift).sum()
     shift_den = (squares_w * shift).sum()
     num = loss - shift_num
@@ -1322,8 +1319,12 @@ def prune_linear(
     # float32 and takes its float64 sums row chunk by row chunk (no whole-weight float64 copy)
     whole = None if method != "mrp" else {} if workspace is None else workspace.setdefault(
         ("whole", tuple(weight.shape), str(weight.device)), {})
-    w = weight if method == "sparsegpt" else weight.double() if whole is None or weight.dtype == torch.float64 \
-        else _scratch(whole, "w", weight, torch.float64).copy_(weight)
+    if method == "sparsegpt":
+        w = weight
+    elif whole is None or weight.dtype == torch.float64:
+        w = weight.double()
+    else:
+        w = _scratch(whole, "w", weight, torch.float64).copy_(weight)
     if method == "magnitude":
         mask = _score_mask(w.abs(), sparsity, nm)
         new = w.masked_fill(mask, 0.0)
