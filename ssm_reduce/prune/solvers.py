@@ -978,7 +978,7 @@ def _pcg_by_precision(b, support, low, a_low, a_hat, rel_tol, max_iter, work):
         rows = part.nonzero().flatten()  # (gathered into scratch buffers: no fresh pages)
         b_part = torch.index_select(b, 0, rows, out=_scratch(work, "split_b", b[: rows.numel()]))
         support_part = torch.index_select(support, 0, rows, out=_scratch(work, "split_support", b[: rows.numel()]))
-        correction[part] = _pcg32(b_part, support_part, matrix, rel_tol[part], max_iter, work)
+        correction.index_copy_(0, rows, _pcg32(b_part, support_part, matrix, rel_tol[rows], max_iter, work))
     return correction
 
 
@@ -1139,9 +1139,9 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
     w_c, wh_c = pick(w), pick(wh)
     # the start (the current solution, its dropped weights now removed) times H, without a dense product:
     # the current one less the dropped weights' share (a sparse product)
-    entry_rows = rows_idx[worth]
-    dropped = _sparse_rows(entry_rows if index is None else torch.searchsorted(index, entry_rows),
-                           drop[worth], solution[entry_rows, drop[worth]], (rows if index is None else index.numel(), cols))
+    entry_rows, entry_cols = rows_idx[worth], drop[worth]
+    dropped = _sparse_rows(entry_rows if index is None else torch.searchsorted(index, entry_rows), entry_cols,
+                           solution[entry_rows, entry_cols], tuple(w_c.shape))
     start_h = torch.addmm(pick(solution_h), dropped, h_damped, alpha=-1.0, out=_scratch(work, "start_h", w_c))
     exact = eig_floor is not None
     if exact:
@@ -1154,7 +1154,6 @@ def _swap_round(w, wh, mask, solution, solution_h, losses, lower, h_damped, hinv
             w_c, pick(candidate), h_damped, hinv, start=pick(solution), wh=wh_c, return_product=True,
             residual_tol=SWAP_TOL, work=work, return_bound=True,
             out=_result_buffers(work, w_c, (solution, solution_h)), start_h=start_h)
-    del start_h
     # certainly better: the candidate's loss is below any the current mask can reach
     improved = trial_losses < pick(lower)
     if exact:
@@ -1346,8 +1345,8 @@ def prune_linear(
             shift = torch.diag(h) - torch.diag(hessian).to(h.dtype)  # H_damped - H is diagonal
             floor = _eig_floor(h, hinv, 0.9 * float(shift.min()))
             tol = weight_tolerance(weight.dtype)
-            works = {"whole": whole}  # scratch buffers shared by the solves (and, through ``workspace``, by
-            # later calls)
+            # scratch buffers shared by the solves (and, through ``workspace``, by later calls)
+            works = {"whole": whole}
             new, mask = _scratch(whole, "new", w), torch.empty(w.shape, dtype=torch.bool, device=w.device)
             loss = whw = 0.0
 
