@@ -55,6 +55,25 @@ def _arguments(module, args, kwargs) -> dict:
     return named
 
 
+@lru_cache(maxsize=None)
+def _cache_argument(host_class: type) -> str:
+    """The name under which a host block or mixer takes the model's cache: ``cache`` (transformers 5.25+)
+    or ``cache_params`` (earlier)."""
+    return "cache" if "cache" in _signature(host_class.forward).parameters else "cache_params"
+
+
+def _register_output_capture(module) -> None:
+    """transformers 5.25+ finds what a model can record (``output_hidden_states`` ...) by the name of its
+    class: give a patched class its host's entry (earlier versions have no such registry)."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:
+        return
+    recordable = getattr(module, "_can_record_outputs", None)
+    if recordable is not None:
+        _CAN_RECORD_REGISTRY[module] = recordable
+
+
 def _keep_columns(positions: torch.Tensor, logits_to_keep) -> torch.Tensor:
     """Slice (B, N') positions the way transformers slices hidden states for ``logits_to_keep``."""
     if isinstance(logits_to_keep, int):
@@ -139,40 +158,40 @@ class _BackboneMixin:
         return out
 
 
-def _causal_conv(mixer, host, xbc, cache_params, attention_mask):
+def _causal_conv(mixer, host, xbc, cache, attention_mask):
     """The host mixer's causal conv of (B, C, L) ``xbc`` in prefill form, caching its conv state;
     returns (B, L, C) with padding zeroed."""
     seq_len = xbc.shape[-1]
-    if cache_params is not None:
-        xbc = cache_params.update_conv_state(xbc, mixer.layer_idx, conv_kernel_size=mixer.conv_kernel_size)
+    if cache is not None:
+        xbc = cache.update_conv_state(xbc, mixer.layer_idx, conv_kernel_size=mixer.conv_kernel_size)
     xbc = host.causal_conv1d_fn(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation=mixer.activation)
     return host.apply_mask_to_padding_states(xbc[:, :, -seq_len:].transpose(1, 2), attention_mask)
 
 
-def _previous_recurrent_state(cache_params, layer: int):
+def _previous_recurrent_state(cache, layer: int):
     """The SSM state a Mamba-2 layer's cache already holds (None when empty), across transformers
     versions: ``get_recurrent_state`` (5.2x) or the cache layer's ``recurrent_states`` (5.1x)."""
-    if cache_params is None:
+    if cache is None:
         return None
-    getter = getattr(cache_params, "get_recurrent_state", None)
+    getter = getattr(cache, "get_recurrent_state", None)
     if getter is not None:
         return getter(layer, state_idx=0)
-    if cache_params.has_previous_state(layer):
-        return cache_params.layers[layer].recurrent_states[0]
+    if cache.has_previous_state(layer):
+        return cache.layers[layer].recurrent_states[0]
     return None
 
 
-def _ops_mamba2_mixer(mixer, hidden_states, cache_params, attention_mask, session):
+def _ops_mamba2_mixer(mixer, hidden_states, cache, attention_mask, session):
     """transformers' Mamba2Mixer forward (prefill form) with the scan through ``ops.scan_score_mamba2``:
     the fused kernel on CUDA returns the token scores with y. Caches are updated as the host does."""
     host = sys.modules[type(mixer).__module__]
     batch, seq_len, _ = hidden_states.shape
     dtype = hidden_states.dtype
     layer = mixer.layer_idx
-    recurrent_state = _previous_recurrent_state(cache_params, layer)
+    recurrent_state = _previous_recurrent_state(cache, layer)
     projected = mixer.in_proj(host.apply_mask_to_padding_states(hidden_states, attention_mask))
     gate, xbc, dt = projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
-    xbc = _causal_conv(mixer, host, xbc.transpose(1, 2), cache_params, attention_mask)
+    xbc = _causal_conv(mixer, host, xbc.transpose(1, 2), cache, attention_mask)
     groups_state = mixer.n_groups * mixer.ssm_state_size
     x, b, c = torch.split(xbc, [mixer.intermediate_size, groups_state, groups_state], dim=-1)
     metric = session.runtime.config.importance
@@ -182,8 +201,8 @@ def _ops_mamba2_mixer(mixer, hidden_states, cache_params, attention_mask, sessio
         D=mixer.D, dt_bias=mixer.dt_bias, initial_state=recurrent_state, dt_softplus=True,
         dt_min=float(mixer.time_step_limit[0]), dt_max=float(mixer.time_step_limit[1]), metric=metric,
     )
-    if cache_params is not None:
-        cache_params.update_recurrent_state(final_state, layer_idx=layer)
+    if cache is not None:
+        cache.update_recurrent_state(final_state, layer_idx=layer)
     y = y.reshape(batch, seq_len, -1)
     session.capture("ssm", y)
     session.capture_score("ssm", metric, score)
@@ -196,7 +215,7 @@ def _host_selective_scan(host, hidden_states):
     return getattr(host, "mamba_selective_scan", None) if hidden_states.is_cuda else None
 
 
-def _ops_mamba_mixer(mixer, hidden_states, cache_params, attention_mask, session):
+def _ops_mamba_mixer(mixer, hidden_states, cache, attention_mask, session):
     """transformers' MambaMixer forward (prefill form) with the scan through ``ops.scan_score_mamba1``
     (or, on CUDA without the compiled kernels, the host's scan without its gate), which exposes the scan
     output y before the z gate (the host's mixer gates inside its scan)."""
@@ -204,7 +223,7 @@ def _ops_mamba_mixer(mixer, hidden_states, cache_params, attention_mask, session
     dtype = hidden_states.dtype
     projected = mixer.in_proj(host.apply_mask_to_padding_states(hidden_states, attention_mask)).transpose(1, 2)
     xbc, gate = projected.chunk(2, dim=1)
-    xbc = _causal_conv(mixer, host, xbc, cache_params, attention_mask)
+    xbc = _causal_conv(mixer, host, xbc, cache, attention_mask)
     time_step, b, c = torch.split(
         mixer.x_proj(xbc), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
     )
@@ -214,8 +233,8 @@ def _ops_mamba_mixer(mixer, hidden_states, cache_params, attention_mask, session
     y, final_state = anchor_scan_mamba1(session, host_fn, xbc, time_step, -torch.exp(mixer.A_log.float()),
                                         b.transpose(1, 2), c.transpose(1, 2), mixer.D.float(), gate,
                                         mixer.dt_proj.bias)
-    if cache_params is not None:
-        cache_params.update_recurrent_state(final_state, mixer.layer_idx)
+    if cache is not None:
+        cache.update_recurrent_state(final_state, mixer.layer_idx)
     return mixer.out_proj(y.transpose(1, 2).to(dtype))
 
 
@@ -227,22 +246,27 @@ class _BlockMixin:
     _ssm_reduce_ops_mixer = staticmethod(_ops_mamba2_mixer)
     _ssm_reduce_gates_inside = False  # the host's scan gates y (no pre-gate y to read)
 
-    def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
+    def forward(self, hidden_states, *args, **kwargs):
         session = runtime_of(self).session
         if session is None:
-            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
-        attention_mask = session.block_mask(attention_mask, hidden_states.device)
+            return super().forward(hidden_states, *args, **kwargs)
+        named = _arguments(self, (hidden_states, *args), kwargs)
+        named.pop("hidden_states")
+        cache_name = _cache_argument(getattr(type(self), PARENT_ATTR))
+        cache = named.pop(cache_name, None)
+        attention_mask = session.block_mask(named.pop("attention_mask", None), hidden_states.device)
         if self.layer_idx not in session.anchors or not session.reduces_at(self.layer_idx):
-            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+            return super().forward(hidden_states, **{cache_name: cache}, attention_mask=attention_mask, **named)
         residual = hidden_states
         hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
         if anchor_uses_ops(session, hidden_states, self.mixer.ssm_state_size, self._ssm_reduce_gates_inside):
-            hidden_states = self._ssm_reduce_ops_mixer(self.mixer, hidden_states, cache_params, attention_mask, session)
+            hidden_states = self._ssm_reduce_ops_mixer(self.mixer, hidden_states, cache, attention_mask, session)
         else:
-            mixer_kwargs = kwargs if self._ssm_reduce_mixer_kwargs else {}
-            hidden_states = self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **mixer_kwargs)
+            mixer_kwargs = named if self._ssm_reduce_mixer_kwargs else {}
+            hidden_states = self.mixer(hidden_states, **{_cache_argument(type(self.mixer)): cache},
+                                       attention_mask=attention_mask, **mixer_kwargs)
         hidden_states, residual = session.reduce(self.layer_idx, hidden_states, residual)
         return residual + hidden_states
 
@@ -258,6 +282,11 @@ class TransformersAdapter(Adapter):
     supported = _CAUSAL_LM + _BACKBONES
     lm_mixin = _CausalLMMixin
     backbone_mixin = _BackboneMixin
+
+    def patch(self, model, runtime: Runtime) -> None:
+        super().patch(model, runtime)
+        for module in {id(m): m for m in (model, self.backbone(model))}.values():
+            _register_output_capture(module)
 
     def conv_kernel(self, model) -> int:
         return int(model.config.conv_kernel)
