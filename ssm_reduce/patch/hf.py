@@ -285,7 +285,7 @@ class TransformersAdapter(Adapter):
 
     def patch(self, model, runtime: Runtime) -> None:
         super().patch(model, runtime)
-        for module in {id(m): m for m in (model, self.backbone(model))}.values():
+        for module in (model, self.backbone(model)):  # (the same module twice for a bare backbone: harmless)
             _register_output_capture(module)
 
     def conv_kernel(self, model) -> int:
