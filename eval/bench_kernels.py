@@ -16,6 +16,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -44,19 +47,43 @@ def cuda_time(fn, repeats=10, warmup=3) -> float:
     return harness.median(times)
 
 
-def mamba2_scan_baseline():
+def triton_ssd_from_source(source: str):
+    """mamba_ssm's Triton SSD scan loaded from an unpacked source tree, without its compiled parts.
+
+    mamba_ssm's ``__init__`` imports its CUDA extensions, so an unbuilt package cannot be imported; the
+    Triton modules need none of them. The package is registered as a bare namespace over ``source``
+    so that ``mamba_ssm.ops.triton.ssd_combined`` loads without running that ``__init__``.
+    """
+    import importlib
+    import types
+
+    root = Path(source) / "mamba_ssm"
+    if not (root / "ops" / "triton" / "ssd_combined.py").is_file():
+        raise SystemExit(f"--mamba-ssm-source: {source} holds no mamba_ssm/ops/triton/ssd_combined.py")
+    pkg = types.ModuleType("mamba_ssm")
+    pkg.__path__ = [str(root)]
+    sys.modules["mamba_ssm"] = pkg
+    return importlib.import_module("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
+
+
+@functools.lru_cache(maxsize=None)
+def mamba2_scan_baseline(source: str | None = None):
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
         return "mamba_ssm mamba_chunk_scan_combined", mamba_chunk_scan_combined
     except ImportError:
-        from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+        sys.modules.pop("mamba_ssm", None)
+    if source:
+        return ("mamba_ssm mamba_chunk_scan_combined (Triton, loaded from the unbuilt source tree)",
+                triton_ssd_from_source(source))
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
-        return "transformers torch mamba2_chunk_scan (mamba_ssm not importable)", mamba2_chunk_scan
+    return "transformers torch mamba2_chunk_scan (mamba_ssm not importable)", mamba2_chunk_scan
 
 
-def bench_scan(rows):
-    name, baseline = mamba2_scan_baseline()
+def bench_scan(rows, source=None):
+    name, baseline = mamba2_scan_baseline(source)
     h, p, n, g = 80, 64, 128, 1
     for b in (1, 16):
         for l in (512, 2048, 8192):
@@ -139,10 +166,42 @@ def bench_apply_plan(rows):
     print(f"apply_plan: {ms:.3f} ms, {bw / 1e9:.0f} GB/s = {bw / copy_bw:.0%} of copy ({copy_bw / 1e9:.0f} GB/s)", flush=True)
 
 
-def bench_end_to_end(rows):
+def fast_mamba2_scan(source=None):
+    """Put mamba_ssm's Triton SSD scan under transformers' Mamba-2 mixer when it is not there already.
+
+    Returns a description of the dense path and a function that undoes the swap. transformers (5.17 and
+    later) calls the module-level ``mamba2_chunk_scan`` in its torch path; without mamba_ssm installed that
+    is a torch chunked scan whose (B, chunks, L, L, H, N) intermediate makes a 2.7b-shaped prefill many times
+    slower than the real thing, so the speed-up would be measured against the wrong baseline.
+    """
+    from transformers.models.mamba2 import modeling_mamba2 as mm
+
+    name, scan = mamba2_scan_baseline(source)
+    if not hasattr(mm, "mamba2_chunk_scan") or "transformers" in name:
+        return "transformers Mamba-2 torch path", lambda: None
+    accepted = set(inspect.signature(scan).parameters)
+
+    def triton_scan(*args, **kwargs):  # transformers may pass keyword arguments the Triton scan lacks
+        return scan(*args, **{k: v for k, v in kwargs.items() if k in accepted})
+
+    original = mm.mamba2_chunk_scan
+    mm.mamba2_chunk_scan = triton_scan
+    return (f"transformers Mamba-2 mixer with {name} as its scan (torch depthwise conv, gated RMSNorm, cuBLAS "
+            "projections)"), lambda: setattr(mm, "mamba2_chunk_scan", original)
+
+
+def bench_end_to_end(rows, source=None):
     from ssm_reduce.shapes import random_model
 
-    model = random_model("mamba2-2.7b", device="cuda", dtype=torch.bfloat16)
+    dense_path, undo = fast_mamba2_scan(source)
+    print(f"end to end, dense path: {dense_path}", flush=True)
+    try:
+        _end_to_end(rows, random_model("mamba2-2.7b", device="cuda", dtype=torch.bfloat16), dense_path)
+    finally:
+        undo()
+
+
+def _end_to_end(rows, model, dense_path):
     ids = torch.randint(0, 50000, (16, 2048), device="cuda")
     with torch.no_grad():
         dense = cuda_time(lambda: model(ids, logits_to_keep=1, use_cache=False), repeats=5, warmup=2)
@@ -152,7 +211,8 @@ def bench_end_to_end(rows):
             realised = ssm_reduce.stats(model)["realised_flops_reduction"]
             ssm_reduce.remove(model)
             speedup = dense / reduced
-            rows.append({"op": "end_to_end_prefill", "shape": "mamba2-2.7b", "batch": 16, "seqlen": 2048,
+            rows.append({"op": "end_to_end_prefill", "shape": "mamba2-2.7b", "dense_path": dense_path,
+                         "batch": 16, "seqlen": 2048,
                          "flops_reduction": target, "realised": realised, "dense_ms": dense, "reduced_ms": reduced,
                          "speedup": speedup, "ideal": 1 / (1 - realised), "fraction_of_ideal": speedup * (1 - realised)})
             print(f"prefill F={target}: {speedup:.3f}x (ideal {1 / (1 - realised):.3f}x)", flush=True)
@@ -162,17 +222,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=["scan", "match", "apply_plan", "end_to_end"])
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--mamba-ssm-source", default=os.environ.get("SSM_REDUCE_MAMBA_SSM_SOURCE", "").split(os.pathsep)[0],
+                   help="unpacked mamba_ssm source tree: its Triton SSD scan is the Mamba-2 baseline when mamba_ssm "
+                        "itself cannot be imported (default: the first entry of SSM_REDUCE_MAMBA_SSM_SOURCE)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or not ops.kernel_status()["loaded"]:
         raise SystemExit(f"needs CUDA and the compiled kernels: {ops.kernel_status()['reason']}")
+    source = args.mamba_ssm_source or None
     rows = []
-    for name, fn in (("scan", bench_scan), ("match", bench_match), ("apply_plan", bench_apply_plan),
-                     ("end_to_end", bench_end_to_end)):
+    benches = (("scan", lambda rows: bench_scan(rows, source)), ("match", bench_match),
+               ("apply_plan", bench_apply_plan), ("end_to_end", lambda rows: bench_end_to_end(rows, source)))
+    payload = {"benchmark": "CUDA kernels", "environment": harness.environment("cuda"), "results": rows}
+    for name, fn in benches:
         if name in args.only:
             fn(rows)
-    path = harness.save("bench_kernels", {"benchmark": "CUDA kernels", "environment": harness.environment("cuda"),
-                                          "results": rows}, args.out)
-    print(f"wrote {path}")
+            # saved after each part, so a run cut off keeps what it measured
+            print(f"wrote {harness.save('bench_kernels', payload, args.out)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,22 @@
 #
 #   bash eval/gpu_suite.sh STAGE...        from the repository root
 #
-# Stages (each logs to $LOGS/<stage>.log, default gpu-logs/, and goes on after a failure; the exit
-# status is that of the last failing stage):
+# Stages (each logs to $LOGS/<stage>.log, default gpu-logs/, is stopped after $STAGE_TIMEOUT seconds,
+# default 420, and the suite goes on after a failure; the exit status is that of the last failing stage):
 #   deps     build causal-conv1d and mamba-ssm from the source archives in $DEPS (default deps/) for
 #            $TORCH_CUDA_ARCH_LIST only (default 9.0: their setup.py files otherwise compile nine
 #            architectures, which takes far longer than the one a machine has); a few minutes on 16 cores
-#   ext      build and install ssm_reduce with its kernels (SSM_REDUCE_BUILD_CUDA=1), then `ssm-reduce info`
+#   ext      build the kernels in place (SSM_REDUCE_BUILD_CUDA=1 setup.py build_ext --inplace; about
+#            a minute on 16 cores), then `ssm-reduce info`
 #   kernels  tests/test_kernels.py, then compute-sanitizer's memcheck and racecheck on a small kernel run
 #   mamba    the mamba_ssm adapter tests (needs `deps`), the 2:4 semi-structured test and the
 #            pruning solvers on CUDA
 #   tests    the whole suite
-#   bench    eval/bench_kernels.py, eval/bench_prune.py (cuda), eval/speed.py --paper (figures to eval/results/)
+#   bench    benchkernels, benchprune and speed below
+#   benchkernels  eval/bench_kernels.py (the Mamba-2 scan is compared with mamba_ssm's Triton SSD scan,
+#            loaded from the unpacked source in $DEPS when mamba_ssm is not built)
+#   benchprune    eval/bench_prune.py on CUDA, float32 then bfloat16 weights
+#   speed    eval/speed.py --paper on CUDA
 #   cpubench eval/bench_prune.py on the machine's CPU with all its cores (the layer-time ratios with
 #            more than the 2 threads of the CPU tables; to eval/results/bench_prune_cpu_<N>t.json)
 #   pack     eval/results/*.json and the logs into $PACK (default gpu-results.tar.gz)
@@ -29,6 +34,9 @@ PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONUNBUFFERED=1
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-420}
+# the kernels are built in place (`ext`), so the scripts and tests import this checkout
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$LOGS"
 status=0
 
@@ -68,8 +76,19 @@ stage_deps() {
 }
 
 stage_ext() {
-  SSM_REDUCE_BUILD_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . || return 1
+  SSM_REDUCE_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace || return 1
   "$PY" -m ssm_reduce.cli info
+}
+
+# The unpacked mamba_ssm source whose Triton SSD scan the benchmarks compare with when mamba_ssm is
+# not built (it needs no compiled code); unpacked from $DEPS on first use.
+mamba_source() {
+  local dir; dir=$(ls -d "$DEPS"/mamba_ssm-*/ 2>/dev/null | head -n 1)
+  if [ -z "$dir" ]; then
+    local archive; archive=$(ls "$DEPS"/mamba_ssm-*.tar.gz 2>/dev/null | head -n 1)
+    [ -n "$archive" ] && tar xzf "$archive" -C "$DEPS" && dir=$(ls -d "$DEPS"/mamba_ssm-*/ | head -n 1)
+  fi
+  echo "${dir%/}"
 }
 
 stage_kernels() {
@@ -91,13 +110,25 @@ stage_mamba() {
 
 stage_tests() { "$PY" -m pytest -q -rs tests; }
 
-stage_bench() {
+stage_benchkernels() {
+  SSM_REDUCE_MAMBA_SSM_SOURCE=$(mamba_source) "$PY" eval/bench_kernels.py
+}
+
+stage_benchprune() {
   local rc=0
-  "$PY" eval/bench_kernels.py || rc=1
   "$PY" eval/bench_prune.py --device cuda --time-shapes mamba2-130m mamba2-2.7b || rc=1
   "$PY" eval/bench_prune.py --device cuda --time-shapes mamba2-130m mamba2-2.7b --weight-dtype bfloat16 \
     --out eval/results/bench_prune_cuda_bf16.json || rc=1
-  "$PY" eval/speed.py --device cuda --dtype bfloat16 --paper --shapes mamba2-2.7b mamba-2.8b || rc=1
+  return $rc
+}
+
+stage_speed() { "$PY" eval/speed.py --device cuda --dtype bfloat16 --paper --shapes mamba2-2.7b mamba-2.8b; }
+
+stage_bench() {
+  local rc=0
+  stage_benchkernels || rc=1
+  stage_benchprune || rc=1
+  stage_speed || rc=1
   return $rc
 }
 
@@ -113,13 +144,15 @@ stage_pack() {
   log "packed $(tar tzf "$PACK" | wc -l) files into $PACK"
 }
 
-[ $# -gt 0 ] || { sed -n 2,20p "$0"; exit 2; }
+if [ "${1:-}" = "--one" ]; then "stage_$2"; exit $?; fi
+[ $# -gt 0 ] || { sed -n 2,27p "$0"; exit 2; }
 for stage in "$@"; do
   if ! declare -F "stage_$stage" >/dev/null; then log "unknown stage '$stage'"; status=2; continue; fi
   log "stage $stage"
   start=$SECONDS
   set -o pipefail
-  "stage_$stage" 2>&1 | tee "$LOGS/$stage.log"
+  # timeout runs the stage in a process group of its own and stops all of it
+  timeout --kill-after=15 "$STAGE_TIMEOUT" bash "$0" --one "$stage" 2>&1 | tee "$LOGS/$stage.log"
   rc=$?
   set +o pipefail
   log "stage $stage: exit $rc after $((SECONDS - start)) s"
