@@ -57,14 +57,18 @@ std::vector<at::Tensor> apply_plan(const std::vector<at::Tensor> &xs, const at::
         TORCH_CHECK(xs[k].device() == slot.device() && weights[k].device() == slot.device(),
                     "apply_plan: streams and weights must be on ", slot.device());
     }
-    // slot values are -1 (dropped) or in [0, n_out): the plans ssm_reduce builds; others are undefined.
+    TORCH_CHECK(!at::isFloatingType(slot.scalar_type()) && slot.scalar_type() != at::kBool,
+                "apply_plan: slot must be an integer tensor");
+    // slot values are -1 (dropped) or in [0, n_out): the plans ssm_reduce builds. Any other value is
+    // treated as dropped, so that no value can send a read outside its batch row.
     const c10::cuda::CUDAGuard guard(slot.device());
     std::vector<at::Tensor> outs;
     for (const auto &x : xs) outs.push_back(at::empty({batch, n_out, x.size(2)}, x.options()));
     if (batch == 0 || n_out == 0) return outs;
     // The plan's member lists, shared by every stream: the column of every token in a flattened
     // (B, n_out + 1) index, dropped tokens in the extra column, sorted stably (token order within a column).
-    auto column = at::where(slot.lt(0), at::full_like(slot, n_out), slot.to(at::kLong));
+    auto slot64 = slot.to(at::kLong);
+    auto column = at::where(slot64.lt(0).logical_or(slot64.ge(n_out)), at::full_like(slot64, n_out), slot64);
     auto rows = at::arange(batch, slot.options().dtype(at::kLong)).unsqueeze(1);
     auto key = (column + rows * (n_out + 1)).reshape({-1});
     auto sorted = at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false);
