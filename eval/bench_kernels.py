@@ -1,16 +1,19 @@
 """Benchmarks of the CUDA kernels (GPU only), figures to eval/results/bench_kernels.json.
 
-* scan_score vs the best available scan: mamba_ssm's Triton ``mamba_chunk_scan_combined`` (Mamba-2)
-  and CUDA ``selective_scan_fn`` (Mamba-1) when mamba_ssm loads, else transformers' torch scans —
+* scan_score vs the best available scan: mamba_ssm's Triton ``mamba_chunk_scan_combined`` (Mamba-2;
+  from an unpacked, unbuilt mamba_ssm source tree, ``--mamba-ssm-source``, when mamba_ssm itself is not
+  built) and CUDA ``selective_scan_fn`` (Mamba-1) when mamba_ssm loads, else transformers' torch scans —
   mamba2-2.7b (H=80, P=64, N=128, G=1) and mamba-2.8b (D=5120, N=16) shapes, bf16, B in {1, 16},
   L in {512, 2048, 8192}. Target: no slower than the scan alone (the score is free).
 * match vs torch (normalise + bmm + masked argmax): time and peak memory.
 * apply_plan: bytes moved / time against the measured device-to-device copy bandwidth (target >= 70%).
 * end to end: prefill of the mamba2-2.7b shape (random weights), B=16, L=2048, F in {0.1, 0.2, 0.3},
-  speed-up over dense against 1 / (1 - F).
+  speed-up over dense against 1 / (1 - F); the dense layers run transformers' mixer with the Triton
+  SSD scan where it loads (``fast_mamba2_scan``; each figure names its dense path).
 
     python eval/bench_kernels.py                 # everything
     python eval/bench_kernels.py --only scan match
+    python eval/bench_kernels.py --mamba-ssm-source deps/mamba_ssm-2.3.2.post1
 """
 
 from __future__ import annotations
