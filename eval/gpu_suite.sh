@@ -69,7 +69,9 @@ stage_deps() {
     local src; src=$(ls -d "$tmp"/${pkg}-*/ | head -n 1)
     restrict_archs "$src/setup.py" || return 1
     log "building $pkg"
-    ( cd "$src" && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE NVCC_THREADS=2 \
+    # at most DEPS_MAX_JOBS (default 8) compiles of 2 nvcc threads each: mamba-ssm's selective-scan
+    # sources take several GB each, and `ext` may be compiling beside them
+    ( cd "$src" && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE NVCC_THREADS=2 MAX_JOBS=${DEPS_MAX_JOBS:-8} \
         "$PY" -m pip install --no-build-isolation --no-deps --no-index . ) || return 1
   done
   "$PY" -c "import causal_conv1d_cuda, selective_scan_cuda, mamba_ssm; print('mamba_ssm', mamba_ssm.__version__, 'imports')"
