@@ -26,7 +26,8 @@
 # `deps` may run in the background while `ext` and `kernels` run:
 #   (bash eval/gpu_suite.sh deps &) ; bash eval/gpu_suite.sh ext kernels ; wait
 set -u
-cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
+SELF=$(realpath "$0")  # (stages run in a child of this script: see the loop at the end)
+cd "$(dirname "$SELF")/.." && cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
 LOGS=${LOGS:-gpu-logs}
 DEPS=${DEPS:-deps}
 PACK=${PACK:-gpu-results.tar.gz}
@@ -147,14 +148,14 @@ stage_pack() {
 }
 
 if [ "${1:-}" = "--one" ]; then "stage_$2"; exit $?; fi
-[ $# -gt 0 ] || { sed -n 2,27p "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,27p "$SELF"; exit 2; }
 for stage in "$@"; do
   if ! declare -F "stage_$stage" >/dev/null; then log "unknown stage '$stage'"; status=2; continue; fi
   log "stage $stage"
   start=$SECONDS
   set -o pipefail
   # timeout runs the stage in a process group of its own and stops all of it
-  timeout --kill-after=15 "$STAGE_TIMEOUT" bash "$0" --one "$stage" 2>&1 | tee "$LOGS/$stage.log"
+  timeout --kill-after=15 "$STAGE_TIMEOUT" bash "$SELF" --one "$stage" 2>&1 | tee "$LOGS/$stage.log"
   rc=$?
   set +o pipefail
   log "stage $stage: exit $rc after $((SECONDS - start)) s"
