@@ -11,6 +11,7 @@
 #   ext      build the kernels in place (SSM_REDUCE_BUILD_CUDA=1 setup.py build_ext --inplace; about
 #            a minute on 16 cores), then `ssm-reduce info`
 #   kernels  tests/test_kernels.py, then compute-sanitizer's memcheck and racecheck on a small kernel run
+#            (SANITIZE=0 skips the sanitizer, which runs the kernels many times slower)
 #   mamba    the mamba_ssm adapter tests (needs `deps`), the 2:4 semi-structured test and the
 #            pruning solvers on CUDA
 #   tests    the whole suite
@@ -96,7 +97,7 @@ mamba_source() {
 
 stage_kernels() {
   "$PY" -m pytest -q -rs tests/test_kernels.py || return 1
-  if command -v compute-sanitizer >/dev/null; then
+  if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
       # one small case of each kernel (tails included) under the sanitizer
       timeout 400 compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" -m pytest -q -x tests/test_kernels.py \
@@ -148,7 +149,7 @@ stage_pack() {
 }
 
 if [ "${1:-}" = "--one" ]; then "stage_$2"; exit $?; fi
-[ $# -gt 0 ] || { sed -n 2,27p "$SELF"; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,28p "$SELF"; exit 2; }
 for stage in "$@"; do
   if ! declare -F "stage_$stage" >/dev/null; then log "unknown stage '$stage'"; status=2; continue; fi
   log "stage $stage"
