@@ -10,7 +10,7 @@
 #            architectures, which takes far longer than the one a machine has); a few minutes on 16 cores
 #   ext      build the kernels in place (SSM_REDUCE_BUILD_CUDA=1 setup.py build_ext --inplace; about
 #            a minute on 16 cores), then `ssm-reduce info`
-#   kernels  tests/test_kernels.py, then compute-sanitizer's memcheck and racecheck on a small kernel run
+#   kernels  tests/test_kernels.py and tests/test_ssd_triton.py, then compute-sanitizer's memcheck and racecheck on a small kernel run
 #            (SANITIZE=0 skips the sanitizer, which runs the kernels many times slower)
 #   mamba    the mamba_ssm adapter tests (needs `deps`), the 2:4 semi-structured test and the
 #            pruning solvers on CUDA
@@ -96,7 +96,7 @@ mamba_source() {
 }
 
 stage_kernels() {
-  "$PY" -m pytest -q -rs tests/test_kernels.py || return 1
+  "$PY" -m pytest -q -rs tests/test_kernels.py tests/test_ssd_triton.py || return 1
   if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
       # one small case of each kernel (tails included) under the sanitizer

@@ -208,6 +208,8 @@ def cmd_info(args) -> int:
         print(f"kernels: loaded ({', '.join(status['ops']) or 'no ops'})")
     else:
         print(f"kernels: not loaded - {status['reason']}")
+    triton_note = "" if status["triton"] else " (triton not installed: the Triton scan cannot serve)"
+    print(f"Mamba-2 scan backend on CUDA: {status['scan_backend']} (SSM_REDUCE_SCAN_BACKEND=cuda|triton){triton_note}")
     for host, classes in ssm_reduce.supported_hosts().items():
         print(f"supported ({host}): {', '.join(classes)}")
     try:

@@ -2,6 +2,9 @@
 CUDA, the torch reference (``ops.reference``) otherwise.
 
 Set ``SSM_REDUCE_DISABLE_KERNELS=1`` to force the reference everywhere (useful to compare the two).
+``SSM_REDUCE_SCAN_BACKEND=triton`` runs the Mamba-2 scan on CUDA through the chunked Triton kernels of
+``ops.ssd_triton`` instead of the compiled step-by-step kernel (no compiled extension needed; under
+``TRITON_INTERPRET=1`` also on a CPU); ``cuda``, the default, keeps the compiled kernel.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from torch import Tensor  # module scope: custom_op reads the (string) annotatio
 
 from . import reference
 
-__all__ = ["match", "apply_plan", "scan_score_mamba2", "scan_score_mamba1", "kernel_status", "kernels_run_on", "METRIC_CODES"]
+__all__ = ["match", "apply_plan", "scan_score_mamba2", "scan_score_mamba1", "kernel_status", "kernels_run_on", "METRIC_CODES",
+           "scan_backend"]
 
 METRIC_CODES = {"clip": 0, "l1": 1, "l2": 2, "mean": 3}
 KERNEL_OPS = ("scan_score_mamba2", "scan_score_mamba1", "match", "apply_plan")
@@ -25,6 +29,32 @@ KERNEL_OPS = ("scan_score_mamba2", "scan_score_mamba1", "match", "apply_plan")
 def _disabled() -> bool:
     # Read at every call, so a process can compare kernels against the references.
     return os.environ.get("SSM_REDUCE_DISABLE_KERNELS", "0") not in ("", "0")
+
+
+SCAN_BACKENDS = ("cuda", "triton")
+
+
+def scan_backend() -> str:
+    """The Mamba-2 scan's backend on CUDA (``SSM_REDUCE_SCAN_BACKEND``, read at every call): ``cuda``
+    (default) — the compiled kernel where it is built; ``triton`` — the chunked Triton kernels."""
+    value = os.environ.get("SSM_REDUCE_SCAN_BACKEND", "").strip().lower() or "cuda"
+    if value not in SCAN_BACKENDS:
+        raise ValueError(f"SSM_REDUCE_SCAN_BACKEND must be one of {', '.join(SCAN_BACKENDS)}, got {value!r}")
+    return value
+
+
+def _triton_scan_serves(x: torch.Tensor, operands=()) -> bool:
+    """The Triton Mamba-2 scan serves ``x``: selected, triton importable, every operand on x's CUDA
+    device (or on the CPU under TRITON_INTERPRET=1), batch and heads within the grid's limits."""
+    if _disabled() or scan_backend() != "triton":
+        return False
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1" and x.device.type == "cpu"
+    if not (x.is_cuda or interpreted):
+        return False
+    from . import ssd_triton
+
+    return (ssd_triton.available() and all(t is None or t.device == x.device for t in operands)
+            and 0 < x.shape[0] <= GRID_YZ_LIMIT and 0 < x.shape[2] <= GRID_YZ_LIMIT)
 
 
 def _load_extension():
@@ -99,10 +129,14 @@ def _register_custom_ops(module) -> None:
 
 
 def kernel_status() -> dict:
-    """Whether the compiled kernels are loaded, why not, and which ops they provide."""
+    """Whether the compiled kernels are loaded, why not, which ops they provide, and the Mamba-2 scan's
+    backend (``scan_backend``; with whether triton is importable)."""
+    from . import ssd_triton
+
     module, reason = _load_extension()
     ops = sorted(name for name in KERNEL_OPS if module is not None and hasattr(module, name))
-    return {"loaded": module is not None, "reason": reason, "ops": ops}
+    return {"loaded": module is not None, "reason": reason, "ops": ops, "scan_backend": scan_backend(),
+            "triton": ssd_triton.available()}
 
 
 def kernels_run_on(tensor: torch.Tensor) -> bool:
@@ -140,10 +174,11 @@ def _finish_scores(score_part, sq_part, channels: int, metric: str):
 KERNEL_DSTATES = (8, 16, 32, 64, 128, 256)
 
 
-def scan_kernel_serves(x: torch.Tensor, dstate: int) -> bool:
-    """Whether the compiled scan-and-score kernel runs a scan of input ``x`` with state size ``dstate``
-    (built, x on CUDA, an instantiated state size)."""
-    return dstate in KERNEL_DSTATES and _use_kernel(x)
+def scan_kernel_serves(x: torch.Tensor, dstate: int, mamba2: bool = False) -> bool:
+    """Whether a scan-and-score kernel runs a scan of input ``x`` with state size ``dstate``: the
+    compiled one (built, x on CUDA, an instantiated state size) or, for a Mamba-2 scan (``mamba2``),
+    the Triton one where ``SSM_REDUCE_SCAN_BACKEND=triton`` selects it."""
+    return (mamba2 and _triton_scan_serves(x)) or (dstate in KERNEL_DSTATES and _use_kernel(x))
 
 
 # CUDA's limit on a grid's y and z dimensions, which the scan kernels give to batch rows and heads.
@@ -169,6 +204,12 @@ def _metric_code(metric: str) -> int:
 def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, dt_softplus=True,
                       dt_min=0.0, dt_max=float("inf"), metric="clip"):
     """See ``reference.scan_score_mamba2``."""
+    if _triton_scan_serves(x, (dt, A, B, C, D, z, dt_bias, initial_state)):
+        from . import ssd_triton
+
+        y, state, part, sq = ssd_triton.scan_score_mamba2(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus,
+                                                          dt_min, dt_max, metric)
+        return (y, state, *_finish_scores(part, sq, x.shape[2] * x.shape[3], metric))
     fits = _scan_kernel_fits(x, B.shape[-1], (dt, B, C, z), (A, D, dt_bias, initial_state), (x.shape[0], x.shape[2]))
     if not (_use_kernel(x) and fits):
         return reference.scan_score_mamba2(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus, dt_min, dt_max, metric)

@@ -82,23 +82,23 @@ def sources_to_capture(config) -> set[str]:
     return needed
 
 
-def anchor_uses_ops(session, x: torch.Tensor, dstate: int, host_gates_inside: bool) -> bool:
+def anchor_uses_ops(session, x: torch.Tensor, dstate: int, host_gates_inside: bool, mamba2: bool = False) -> bool:
     """Whether an anchor runs its mixer through ``ssm_reduce.ops`` rather than the host's own path: as
     ``runtime.ops_mixer`` forces, else where the compiled scan-and-score kernel serves (CUDA, an
-    instantiated state size), or where the host gates y inside its scan (no pre-gate y to read) and the
-    session needs y."""
+    instantiated state size; for Mamba-2 anchors, ``mamba2``, also the Triton scan where it is selected),
+    or where the host gates y inside its scan (no pre-gate y to read) and the session needs y."""
     use = session.runtime.ops_mixer
     if use is None:
         use = ((host_gates_inside and "ssm" in sources_to_capture(session.runtime.config))
-               or ops.scan_kernel_serves(x, dstate))
+               or ops.scan_kernel_serves(x, dstate, mamba2))
     return bool(use)
 
 
-def anchor_host_scan(session, x: torch.Tensor, dstate: int, host_fn):
+def anchor_host_scan(session, x: torch.Tensor, dstate: int, host_fn, mamba2: bool = False):
     """Which scan an anchor mixer runs: None for ``ssm_reduce.ops`` (where the compiled kernel serves,
     or where ``runtime.ops_mixer = True`` forces it), else the host's own scan function ``host_fn``
     (called without its gate), else None again (the torch reference) when the host has none."""
-    if session.runtime.ops_mixer or ops.scan_kernel_serves(x, dstate):
+    if session.runtime.ops_mixer or ops.scan_kernel_serves(x, dstate, mamba2):
         return None
     return host_fn
 

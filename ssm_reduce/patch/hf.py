@@ -245,6 +245,7 @@ class _BlockMixin:
     # needed, since only that path exposes y before the gate.
     _ssm_reduce_ops_mixer = staticmethod(_ops_mamba2_mixer)
     _ssm_reduce_gates_inside = False  # the host's scan gates y (no pre-gate y to read)
+    _ssm_reduce_mamba2 = True
 
     def forward(self, hidden_states, *args, **kwargs):
         session = runtime_of(self).session
@@ -261,7 +262,8 @@ class _BlockMixin:
         hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
-        if anchor_uses_ops(session, hidden_states, self.mixer.ssm_state_size, self._ssm_reduce_gates_inside):
+        if anchor_uses_ops(session, hidden_states, self.mixer.ssm_state_size, self._ssm_reduce_gates_inside,
+                           self._ssm_reduce_mamba2):
             hidden_states = self._ssm_reduce_ops_mixer(self.mixer, hidden_states, cache, attention_mask, session)
         else:
             mixer_kwargs = named if self._ssm_reduce_mixer_kwargs else {}
@@ -275,6 +277,7 @@ class _MambaBlockMixin(_BlockMixin):
     _ssm_reduce_mixer_kwargs = False
     _ssm_reduce_ops_mixer = staticmethod(_ops_mamba_mixer)
     _ssm_reduce_gates_inside = True
+    _ssm_reduce_mamba2 = False
 
 
 class TransformersAdapter(Adapter):

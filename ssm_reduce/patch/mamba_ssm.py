@@ -88,7 +88,8 @@ def _conv(mixer, x, seqlen):
 def _host_scan(mixer, session, x, name):
     """The host module's scan function ``name`` for this anchor (``anchor_host_scan``): mamba_ssm's own
     kernels where ssm_reduce's do not serve, rather than the step-by-step torch reference."""
-    return anchor_host_scan(session, x, mixer.d_state, getattr(sys.modules[type(mixer).__module__], name, None))
+    return anchor_host_scan(session, x, mixer.d_state, getattr(sys.modules[type(mixer).__module__], name, None),
+                            mamba2=name == "mamba_chunk_scan_combined")
 
 
 def _ops_mamba2(mixer, session, u, inference_params=None):
@@ -165,7 +166,7 @@ def _ops_mixer_for(mixer, session, hidden_states):
     """The ops-path replacement for this anchor's mixer call, or None to run the host's own path."""
     mamba2 = "Mamba2" in class_names(mixer)
     gates_inside = not mamba2 or not getattr(mixer, "rmsnorm", True)  # no gated norm to read y at
-    if not anchor_uses_ops(session, hidden_states, mixer.d_state, gates_inside):
+    if not anchor_uses_ops(session, hidden_states, mixer.d_state, gates_inside, mamba2):
         return None
     if mamba2 and getattr(mixer, "process_group", None) is not None:
         return None  # tensor parallelism: the host's unfused path
