@@ -54,7 +54,8 @@ def check_kernels():
         (1, 300, 2, 16, 1, 32, 128, {"metric": "mean", "no_softplus": True}),  # three chunks, the last partial
     ]
     for b, l, h, p, g, n, chunk, opt in cases:
-        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
+        # 16-bit inputs: products of operands rounded to the input's precision (as on the tensor cores)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
             args = m2_args(b, l, h, p, g, n, dtype, noncontiguous=opt.get("noncontiguous", False))
             if opt.get("z"):
                 args["z"] = torch.randn(b, l, h, p).to(dtype)
@@ -70,10 +71,9 @@ def check_kernels():
             got = (y, state, *ops._finish_scores(part, sq, h * p, metric))
             ref = R.scan_score_mamba2(**args, metric=metric)
             # 16-bit y is compared after both round to it: allow one rounding step of its dtype
-            close(got[1:], ref[1:], tol, f"{(b, l, h, p, g, n)} chunk {chunk} {dtype} {opt}")
-            close(got[:1], ref[:1], 1e-5 if dtype == torch.float32 else 8e-3, f"{(b, l, h, p, g, n)} {dtype} y")
+            close(got, ref, tol, f"{(b, l, h, p, g, n)} chunk {chunk} {dtype} {opt}")
             assert y.dtype == dtype and state.dtype == torch.float32
-    print(f"kernels: {len(cases)} shapes x 2 dtypes match the step-by-step reference")
+    print(f"kernels: {len(cases)} shapes x 3 dtypes match the step-by-step reference")
 
 
 def check_front_door_and_model():

@@ -58,8 +58,10 @@ def test_triton_scan_interpreted_on_cpu():
 
 CUDA_TRITON = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON),
                                  reason="the native Triton scan tests need a CUDA GPU and triton")
-# float32 inputs take exact float32 products; 16-bit ones tf32 products (about 1e-3 relative each)
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+# float32 inputs take exact float32 products (compared element by element); 16-bit ones round the
+# products' operands to their own precision (as the tensor cores do), so they are compared relative to
+# each output's largest magnitude, as the interpreted checks do
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 @CUDA_TRITON
@@ -79,8 +81,12 @@ def test_triton_scan_on_cuda(dtype, length, batch, groups, heads):
     y, state, part, sq = ssd_triton.scan_score_mamba2(**args, metric="clip")
     got = (y, state, *ops._finish_scores(part, sq, heads * p, "clip"))
     ref = R.scan_score_mamba2(**args, metric="clip")
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a.float(), b.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    for name, a, b in zip(("y", "final state", "score", "sqnorm"), got, ref):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
+        else:
+            err = float((a.float() - b.float()).abs().max() / (b.float().abs().max() + 1e-6))
+            assert err <= TOL[dtype], f"{name}: {err:.2e} relative to its largest magnitude"
 
 
 @CUDA_TRITON

@@ -15,14 +15,15 @@ well above a chunked scan whose work goes through the tensor cores. This module 
    + exp(cs_t) C_t . S_in + D x_t, and in the same pass, per token, the sum over the head's channels of
    the importance term and of y^2 (before the gate), then the gate silu(z) and the store.
 
-Products take float32 operands (tf32 tensor cores for 16-bit inputs, exact float32 for float32
-inputs); state and accumulation are float32. Selected with ``SSM_REDUCE_SCAN_BACKEND=triton`` (see
+Products take their operands in the input's precision (bfloat16 / float16 on the tensor cores; exact
+float32 products for float32 inputs); states and accumulation are float32. Selected with ``SSM_REDUCE_SCAN_BACKEND=triton`` (see
 ``ssm_reduce.ops``); runs under ``TRITON_INTERPRET=1`` on a CPU, which is how the tests check it
 without a GPU. The algorithm is the standard chunked form of a linear recurrence; the code is ours.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -35,7 +36,7 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     tl = None
 
 METRIC_CODES = {"clip": 0, "l1": 1, "l2": 2, "mean": 3}
-CHUNK = 128  # tokens per chunk
+CHUNK = 256  # tokens per chunk (the per-chunk float32 states are read and written once each)
 BLOCK_T = 64  # token rows per program of the output kernel (and the inner loops' step)
 
 
@@ -44,6 +45,21 @@ def available() -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, DOT: tl.constexpr):
+        """a @ b accumulated in float32: exact float32 products (DOT 0), or the operands rounded to
+        bfloat16 (1) / float16 (2), the inputs' own precision, for the tensor cores' full rate; 3: the
+        operands rounded to bfloat16, multiplied in float32 (the same numbers: bfloat16 products are
+        exact in float32), for Triton's interpreter, whose bfloat16 products are wrong."""
+        if DOT == 1:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        elif DOT == 2:
+            return tl.dot(a.to(tl.float16), b.to(tl.float16))
+        elif DOT == 3:
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision="ieee")
 
     @triton.jit
     def _chunk_dt(dt_ptr, bias_ptr, A_ptr, d_out, cs_out, seqlen, nheads, nchunks,
@@ -68,7 +84,7 @@ if triton is not None:
     @triton.jit
     def _chunk_state(x_ptr, B_ptr, d_ptr, cs_ptr, st_ptr, seqlen, nheads, nchunks, headdim, dstate, heads_per_group,
                      s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn,
-                     Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                     Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr):
         c, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         g = h // heads_per_group
         p = tl.arange(0, BP)
@@ -85,7 +101,7 @@ if triton is not None:
                          mask=valid[:, None] & (p[None, :] < headdim), other=0.0).to(tl.float32)
             Bk = tl.load(B_ptr + b * s_Bb + t[:, None] * s_Bl + g * s_Bg + n[None, :] * s_Bn,
                          mask=valid[:, None] & (n[None, :] < dstate), other=0.0).to(tl.float32)
-            acc += tl.dot(tl.trans(xk * w[:, None]), Bk, input_precision=PREC)
+            acc += _dot(tl.trans(xk * w[:, None]), Bk, DOT)
         off = (((b * nchunks + c) * nheads + h) * headdim + p[:, None]) * dstate + n[None, :]
         tl.store(st_ptr + off, acc, mask=(p[:, None] < headdim) & (n[None, :] < dstate))
 
@@ -112,7 +128,7 @@ if triton is not None:
                       s_xb, s_xl, s_xh, s_xp, s_zb, s_zl, s_zh, s_zp,
                       s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, METRIC: tl.constexpr, Q: tl.constexpr,
-                      BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                      BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr):
         pid, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         per_chunk = Q // BT
         c, mb = pid // per_chunk, pid % per_chunk
@@ -130,7 +146,7 @@ if triton is not None:
         # the state entering the chunk, read as (N, P)
         S = tl.load(st_ptr + (((b * nchunks + c) * nheads + h) * headdim + p[None, :]) * dstate + n[:, None],
                     mask=nmask[:, None] & pmask[None, :], other=0.0)
-        acc = tl.dot(Ct, S, input_precision=PREC) * tl.exp(cs_t)[:, None]
+        acc = _dot(Ct, S, DOT) * tl.exp(cs_t)[:, None]
         for k0 in range(0, (mb + 1) * BT, BT):
             k = k0 + tl.arange(0, BT)
             tk = c * Q + k
@@ -143,8 +159,8 @@ if triton is not None:
             d_k = tl.load(d_ptr + base + k)
             causal = k[None, :] <= rows[:, None]
             decay = tl.exp(tl.where(causal, cs_t[:, None] - cs_k[None, :], float("-inf")))
-            M = tl.dot(Ct, tl.trans(Bk), input_precision=PREC) * decay * d_k[None, :]
-            acc += tl.dot(M, xk, input_precision=PREC)
+            M = _dot(Ct, tl.trans(Bk), DOT) * decay * d_k[None, :]
+            acc += _dot(M, xk, DOT)
         xt = tl.load(x_ptr + b * s_xb + t[:, None] * s_xl + h * s_xh + p[None, :] * s_xp,
                      mask=valid[:, None] & pmask[None, :], other=0.0).to(tl.float32)
         if HAS_D:
@@ -210,14 +226,17 @@ def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_stat
     d = torch.empty(batch, nheads, nchunks, q, **f32)
     cs = torch.empty_like(d)
     states = torch.empty(batch, nchunks, nheads, headdim, dstate, **f32)
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    dot = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
+    if dot == 1 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        dot = 3
     bp, bn = _pow2(headdim), _pow2(dstate)
+    warps = 8 if bp * bn >= 8192 else 4
     _chunk_dt[(nchunks, batch, nheads)](
         dt, bias, A32, d, cs, seqlen, nheads, nchunks, *dt.stride(), float(dt_min), float(dt_max),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), Q=q)
     _chunk_state[(nchunks, batch, nheads)](
         x, B, d, cs, states, seqlen, nheads, nchunks, headdim, dstate, nheads // ngroups,
-        *x.stride(), *B.stride(), Q=q, BT=bt, BP=bp, BN=bn, PREC=prec)
+        *x.stride(), *B.stride(), Q=q, BT=bt, BP=bp, BN=bn, DOT=dot, num_warps=warps)
     size = headdim * dstate
     block = min(1024, _pow2(size))
     _state_passing[(-(-size // block), batch, nheads)](
@@ -226,5 +245,6 @@ def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_stat
     _chunk_output[(nchunks * (q // bt), batch, nheads)](
         x, zz, B, C, Dv, d, cs, states, y, part, sq, seqlen, nheads, nchunks, headdim, dstate, nheads // ngroups,
         *x.stride(), *zz.stride(), *B.stride(), *C.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, METRIC=METRIC_CODES[metric], Q=q, BT=bt, BP=bp, BN=bn, PREC=prec)
+        HAS_D=D is not None, HAS_Z=z is not None, METRIC=METRIC_CODES[metric], Q=q, BT=bt, BP=bp, BN=bn, DOT=dot,
+        num_warps=warps)
     return y, final, part, sq
