@@ -101,3 +101,16 @@ def test_patched_model_same_with_triton_scan(monkeypatch):
     without = model(ids)
     assert torch.equal(with_triton.kept_positions, without.kept_positions)
     torch.testing.assert_close(with_triton.logits, without.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_int32_indexing_limit():
+    """The Triton kernels index in int32: scans whose arrays would pass 2^31 elements are not given to them."""
+    from ssm_reduce.ops import ssd_triton
+
+    def x(*shape):
+        return torch.empty(*shape, device="meta")
+
+    assert ssd_triton.fits(x(16, 8192, 80, 64), 128)  # mamba2-2.7b, batch 16: 1.3e9 elements at most
+    assert not ssd_triton.fits(x(64, 8192, 80, 64), 128)  # y alone has 2.7e9
+    assert not ssd_triton.fits(x(1, 8192, 80, 64).expand(2**20, -1, -1, -1), 128)  # a broadcast batch: its outputs would be huge
+    assert not ssd_triton.fits(x(4, 2**20, 80, 64)[:, :2], 128)  # few elements, but x's strides reach far

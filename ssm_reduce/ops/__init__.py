@@ -43,9 +43,9 @@ def scan_backend() -> str:
     return value
 
 
-def _triton_scan_serves(x: torch.Tensor, operands=()) -> bool:
-    """The Triton Mamba-2 scan serves ``x``: selected, triton importable, every operand on x's CUDA
-    device (or on the CPU under TRITON_INTERPRET=1), batch and heads within the grid's limits."""
+def _triton_selected(x: torch.Tensor) -> bool:
+    """The Triton Mamba-2 scan is selected and can run on ``x``'s device: CUDA, or the CPU under
+    TRITON_INTERPRET=1 (Triton's interpreter), with triton importable."""
     if _disabled() or scan_backend() != "triton":
         return False
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1" and x.device.type == "cpu"
@@ -53,8 +53,17 @@ def _triton_scan_serves(x: torch.Tensor, operands=()) -> bool:
         return False
     from . import ssd_triton
 
-    return (ssd_triton.available() and all(t is None or t.device == x.device for t in operands)
-            and 0 < x.shape[0] <= GRID_YZ_LIMIT and 0 < x.shape[2] <= GRID_YZ_LIMIT)
+    return ssd_triton.available()
+
+
+def _triton_scan_serves(x: torch.Tensor, operands, dstate: int) -> bool:
+    """The Triton scan serves the scan of ``x`` (B, L, H, P): selected (``_triton_selected``), every
+    operand on x's device, batch and heads within the grid's limits, every array within the kernels'
+    int32 indexing."""
+    from . import ssd_triton
+
+    return (_triton_selected(x) and all(t is None or t.device == x.device for t in operands)
+            and 0 < x.shape[0] <= GRID_YZ_LIMIT and 0 < x.shape[2] <= GRID_YZ_LIMIT and ssd_triton.fits(x, dstate))
 
 
 def _load_extension():
@@ -178,7 +187,7 @@ def scan_kernel_serves(x: torch.Tensor, dstate: int, mamba2: bool = False) -> bo
     """Whether a scan-and-score kernel runs a scan of input ``x`` with state size ``dstate``: the
     compiled one (built, x on CUDA, an instantiated state size) or, for a Mamba-2 scan (``mamba2``),
     the Triton one where ``SSM_REDUCE_SCAN_BACKEND=triton`` selects it."""
-    return (mamba2 and _triton_scan_serves(x)) or (dstate in KERNEL_DSTATES and _use_kernel(x))
+    return (mamba2 and _triton_selected(x)) or (dstate in KERNEL_DSTATES and _use_kernel(x))
 
 
 # CUDA's limit on a grid's y and z dimensions, which the scan kernels give to batch rows and heads.
@@ -204,7 +213,7 @@ def _metric_code(metric: str) -> int:
 def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, dt_softplus=True,
                       dt_min=0.0, dt_max=float("inf"), metric="clip"):
     """See ``reference.scan_score_mamba2``."""
-    if _triton_scan_serves(x, (dt, A, B, C, D, z, dt_bias, initial_state)):
+    if _triton_scan_serves(x, (dt, A, B, C, D, z, dt_bias, initial_state), B.shape[-1]):
         from . import ssd_triton
 
         y, state, part, sq = ssd_triton.scan_score_mamba2(x, dt, A, B, C, D, z, dt_bias, initial_state, dt_softplus,

@@ -187,6 +187,19 @@ if triton is not None:
         tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=keep)
 
 
+INDEX_LIMIT = 2**31  # the kernels index in int32: every tensor they touch must have fewer elements
+
+
+def fits(x: torch.Tensor, dstate: int, chunk: Optional[int] = None) -> bool:
+    """Whether every array of a scan of ``x`` (B, L, H, P) with state size ``dstate`` stays within int32
+    indexing (the per-chunk states are the largest: B * chunks * H * P * N)."""
+    batch, seqlen, nheads, headdim = x.shape
+    chunks = max(1, -(-seqlen // int(chunk or CHUNK)))
+    reach = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) + 1  # x's furthest element
+    biggest = max(batch * seqlen * nheads * max(headdim, dstate), batch * chunks * nheads * headdim * dstate, reach)
+    return biggest < INDEX_LIMIT
+
+
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << max(0, (int(n) - 1).bit_length()))
 
