@@ -230,9 +230,22 @@ def test_real_mamba_ssm_classes_on_cpu_with_reference_kernels(tmp_path):
     interpreter) against the transformers adapter: dense and reduced logits, kept positions, the
     fused / unfused / ops path of every layer, num_last_tokens, protect, greedy generate, remove, the
     loader; and a norm-less, per-channel-D, two-group Mamba-2 through both anchor scans."""
+    _run_mamba_ssm_cpu(tmp_path, {})
+
+
+@pytest.mark.skipif(not os.environ.get(mamba_ssm_cpu.ENV) or importlib.util.find_spec("triton") is None,
+                    reason=f"set {mamba_ssm_cpu.ENV} (see above) and install triton to run the real mamba_ssm classes "
+                           "with the Triton Mamba-2 scan at their anchors, through Triton's interpreter")
+def test_real_mamba_ssm_classes_on_cpu_with_the_triton_scan(tmp_path):
+    """As above, with SSM_REDUCE_SCAN_BACKEND=triton: mamba_ssm's Mamba-2 anchors scan through the Triton
+    kernels (interpreted on the CPU) and still match the transformers adapter."""
+    _run_mamba_ssm_cpu(tmp_path, {"SSM_REDUCE_SCAN_BACKEND": "triton", "TRITON_INTERPRET": "1"})
+
+
+def _run_mamba_ssm_cpu(tmp_path, env):
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-m", "tests.mamba_ssm_cpu", str(tmp_path)], cwd=root,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["layer"] for r in results][:2] == ["Mamba1", "Mamba2"] and len(results) == 3
