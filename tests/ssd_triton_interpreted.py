@@ -52,6 +52,7 @@ def check_kernels():
         (2, 129, 8, 8, 8, 8, 64, {"init": True, "metric": "l2"}),  # G = H
         (2, 130, 2, 16, 2, 16, 128, {"z": True, "metric": "l1", "dt_limits": (0.01, 0.5)}),
         (1, 300, 2, 16, 1, 32, 128, {"metric": "mean", "no_softplus": True}),  # three chunks, the last partial
+        (2, 40, 2, 16, 1, 16, 32, {"dt_shift": -12.0}),  # softplus of very negative dt (log1p's range)
     ]
     for b, l, h, p, g, n, chunk, opt in cases:
         # 16-bit inputs: products of operands rounded to the input's precision (as on the tensor cores)
@@ -63,6 +64,8 @@ def check_kernels():
                 args["initial_state"] = 0.1 * torch.randn(b, h, p, n)
             if "dt_limits" in opt:
                 args["dt_min"], args["dt_max"] = opt["dt_limits"]
+            if "dt_shift" in opt:
+                args["dt"] = (args["dt"].float() + opt["dt_shift"]).to(dtype)
             if opt.get("no_softplus"):
                 args["dt"] = args["dt"].abs()
                 args["dt_softplus"] = False

@@ -71,8 +71,10 @@ if triton is not None:
         d = tl.load(dt_ptr + b * s_db + t * s_dl + h * s_dh, mask=valid, other=0.0).to(tl.float32)
         if HAS_BIAS:
             d = d + tl.load(bias_ptr + h)
-        if SOFTPLUS:  # as torch's softplus (threshold 20)
-            d = tl.where(d > 20.0, d, tl.log(1.0 + tl.exp(tl.minimum(d, 20.0))))
+        if SOFTPLUS:  # as torch's softplus (threshold 20), log1p(u) to float32 accuracy as
+            u = tl.exp(tl.minimum(d, 20.0))  # log(w) u / (w - 1) with w = 1 + u (the rounding of w cancels)
+            w = 1.0 + u
+            d = tl.where(d > 20.0, d, tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0))))
         d = tl.where(d < dt_min, dt_min, d)  # as torch.clamp: NaN stays NaN
         d = tl.where(d > dt_max, dt_max, d)
         d = tl.where(valid, d, 0.0)  # tokens past the end: no decay, no input
