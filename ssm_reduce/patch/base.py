@@ -95,8 +95,8 @@ def anchor_uses_ops(session, x: torch.Tensor, dstate: int, host_gates_inside: bo
 
 
 def anchor_host_scan(session, x: torch.Tensor, dstate: int, host_fn, mamba2: bool = False):
-    """Which scan an anchor mixer runs: None for ``ssm_reduce.ops`` (where the compiled kernel serves,
-    or where ``runtime.ops_mixer = True`` forces it), else the host's own scan function ``host_fn``
+    """Which scan an anchor mixer runs: None for ``ssm_reduce.ops`` (where the compiled kernel serves, or
+    for a Mamba-2 scan, ``mamba2``, the selected Triton one, or where ``runtime.ops_mixer = True`` forces it), else the host's own scan function ``host_fn``
     (called without its gate), else None again (the torch reference) when the host has none."""
     if session.runtime.ops_mixer or ops.scan_kernel_serves(x, dstate, mamba2):
         return None
