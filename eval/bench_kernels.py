@@ -123,6 +123,14 @@ def bench_scan(rows, source=None):
                     ms = cuda_time(lambda: ops.scan_score_mamba2(x, dt, A, B, C, D=D, dt_bias=bias))
                 row[f"{backend}_ms"], row[f"{backend}_ratio"] = ms, ms / theirs
                 print(f"scan_score_mamba2 ({backend}) B={b} L={l}: {ms:.3f} ms vs {theirs:.3f} ms ({name})", flush=True)
+            if "triton" in scan_backends():  # the Triton scan's other chunk sizes (its default: ssd_triton.CHUNK)
+                from ssm_reduce.ops import ssd_triton
+
+                for chunk in (64, 128, 256):
+                    row[f"triton_chunk{chunk}_ms"] = cuda_time(
+                        lambda: ssd_triton.scan_score_mamba2(x, dt, A, B, C, D=D, dt_bias=bias, chunk=chunk))
+                print("  Triton scan by chunk size: " + ", ".join(
+                    f"{c}: {row[f'triton_chunk{c}_ms']:.3f} ms" for c in (64, 128, 256)), flush=True)
             rows.append(row)
     if not ops.kernel_status()["loaded"]:  # Mamba-1 has no Triton scan
         return
