@@ -145,10 +145,10 @@ if triton is not None:
         cs_t = tl.load(cs_ptr + base + rows)
         Ct = tl.load(C_ptr + b * s_Cb + t[:, None] * s_Cl + g * s_Cg + n[None, :] * s_Cn,
                      mask=valid[:, None] & nmask[None, :], other=0.0).to(tl.float32)
-        # the state entering the chunk, read as (N, P)
-        S = tl.load(st_ptr + (((b * nchunks + c) * nheads + h) * headdim + p[None, :]) * dstate + n[:, None],
-                    mask=nmask[:, None] & pmask[None, :], other=0.0)
-        acc = _dot(Ct, S, DOT) * tl.exp(cs_t)[:, None]
+        # the state entering the chunk (P, N), read along N (contiguous), used transposed
+        S = tl.load(st_ptr + (((b * nchunks + c) * nheads + h) * headdim + p[:, None]) * dstate + n[None, :],
+                    mask=pmask[:, None] & nmask[None, :], other=0.0)
+        acc = _dot(Ct, tl.trans(S), DOT) * tl.exp(cs_t)[:, None]
         for k0 in range(0, (mb + 1) * BT, BT):
             k = k0 + tl.arange(0, BT)
             tk = c * Q + k
