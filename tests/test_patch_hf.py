@@ -541,3 +541,38 @@ def test_mamba2_ops_anchors_continue_from_a_filled_cache():
     host, via_ops = results
     assert host.logits.shape[1] < 20 and torch.equal(host.kept_positions, via_ops.kept_positions)
     torch.testing.assert_close(via_ops.logits, host.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_patched_blocks_take_positional_and_keyword_arguments(family):
+    """Patched blocks called with everything by position (the host signature's order) give what they give
+    by keyword, as transformers calls them (that path skips binding the signature)."""
+    import inspect
+
+    from ssm_reduce.patch.base import PARENT_ATTR
+
+    model = FAMILIES[family]()
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7, layers=[1, 3])
+    ids = random_tokens(2, 40)
+    by_keyword = model(ids)
+    order = list(inspect.signature(getattr(type(model.backbone.layers[0]), PARENT_ATTR).forward).parameters)[2:]
+    calls = []
+    for block in model.backbone.layers:
+        patched = block.forward  # (bound method of the patched class)
+
+        def positional(hidden_states, _patched=patched, **kwargs):
+            calls.append(1)
+            assert set(kwargs) <= set(order), (order, list(kwargs))
+            last = max((order.index(k) for k in kwargs), default=-1)
+            return _patched(hidden_states, *[kwargs.get(name) for name in order[: last + 1]])
+
+        block.forward = positional
+    try:
+        by_position = model(ids)
+    finally:
+        for block in model.backbone.layers:
+            del block.forward
+    assert len(calls) == len(model.backbone.layers)
+    assert torch.equal(by_position.kept_positions, by_keyword.kept_positions)
+    assert torch.equal(by_position.logits, by_keyword.logits)

@@ -251,8 +251,10 @@ class _BlockMixin:
         session = runtime_of(self).session
         if session is None:
             return super().forward(hidden_states, *args, **kwargs)
-        named = _arguments(self, (hidden_states, *args), kwargs)
-        named.pop("hidden_states")
+        # (transformers passes everything but hidden_states by keyword: no signature binding in the
+        # per-block hot path unless positional arguments come)
+        named = _arguments(self, (hidden_states, *args), kwargs) if args else dict(kwargs)
+        named.pop("hidden_states", None)
         cache_name = _cache_argument(getattr(type(self), PARENT_ATTR))
         cache = named.pop(cache_name, None)
         attention_mask = session.block_mask(named.pop("attention_mask", None), hidden_states.device)
