@@ -20,6 +20,29 @@ except ImportError:  # pragma: no cover
 VOCAB = 64
 
 
+def mamba2_scan_args(b, l, h, p, g, n, dtype=torch.float32, device="cpu", seed=0, noncontiguous=False):
+    """Random operands of a Mamba-2 scan (``ops.scan_score_mamba2``): x (b, l, h, p), dt, B and C with g
+    groups of state size n in ``dtype``, float32 A, D, dt_bias. ``noncontiguous``: x and B are strided
+    views (every other head / state channel of larger tensors)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, device=device)  # noqa: E731
+    x, dt, B, C = r(b, l, h, p), r(b, l, h), r(b, l, g, n), r(b, l, g, n)
+    if noncontiguous:
+        x = r(b, l, 2 * h, p)[:, :, ::2]
+        B = r(b, l, g, 2 * n)[..., ::2]
+    return dict(x=x.to(dtype), dt=dt.to(dtype), A=-torch.rand(h, generator=gen, device=device) - 0.05,
+                B=B.to(dtype), C=C.to(dtype), D=r(h), dt_bias=0.1 * r(h))
+
+
+def assert_close_to_max(got, ref, tol, what=""):
+    """Each of a scan's outputs (y, final state, score, sqnorm) within ``tol`` of the reference's, the
+    largest difference measured against the reference's largest magnitude (the comparison for outputs
+    computed from operands rounded to 16 bits, whose small entries carry the big ones' rounding)."""
+    for name, a, b in zip(("y", "final state", "score", "sqnorm"), got, ref):
+        err = float((a.float() - b.float()).abs().max()) / (float(b.float().abs().max()) + 1e-6)
+        assert err <= tol, f"{what}: {name} differs from the reference by {err:.2e} (relative to its max) > {tol}"
+
+
 def tiny_mamba2(layers=6, seed=0, **overrides):
     from transformers import Mamba2Config, Mamba2ForCausalLM
 

@@ -20,26 +20,9 @@ from ssm_reduce import ops  # noqa: E402
 from ssm_reduce.ops import reference as R  # noqa: E402
 from ssm_reduce.ops import ssd_triton  # noqa: E402
 
+from .conftest import assert_close_to_max as close  # noqa: E402
+from .conftest import mamba2_scan_args as m2_args  # noqa: E402
 from .conftest import random_tokens, tiny_mamba2  # noqa: E402
-
-
-def m2_args(b, l, h, p, g, n, dtype=torch.float32, seed=0, noncontiguous=False):
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    x, dt, B, C = r(b, l, h, p), r(b, l, h), r(b, l, g, n), r(b, l, g, n)
-    if noncontiguous:  # strided views: every other head / state channel of larger tensors
-        x = r(b, l, 2 * h, p)[:, :, ::2]
-        B = r(b, l, g, 2 * n)[..., ::2]
-    return dict(x=x.to(dtype), dt=dt.to(dtype), A=-torch.rand(h, generator=gen) - 0.05, B=B.to(dtype),
-                C=C.to(dtype), D=r(h), dt_bias=0.1 * r(h))
-
-
-def close(got, ref, tol, what):
-    for name, a, b in zip(("y", "final state", "score", "sqnorm"), got, ref):
-        scale = float(b.float().abs().max()) + 1e-6
-        err = float((a.float() - b.float()).abs().max()) / scale
-        if not err <= tol:
-            raise AssertionError(f"{what}: {name} differs from the reference by {err:.2e} (relative to its max) > {tol}")
 
 
 def check_kernels():
@@ -73,7 +56,6 @@ def check_kernels():
             y, state, part, sq = ssd_triton.scan_score_mamba2(**args, metric=metric, chunk=chunk)
             got = (y, state, *ops._finish_scores(part, sq, h * p, metric))
             ref = R.scan_score_mamba2(**args, metric=metric)
-            # 16-bit y is compared after both round to it: allow one rounding step of its dtype
             close(got, ref, tol, f"{(b, l, h, p, g, n)} chunk {chunk} {dtype} {opt}")
             assert y.dtype == dtype and state.dtype == torch.float32
     print(f"kernels: {len(cases)} shapes x 3 dtypes match the step-by-step reference")

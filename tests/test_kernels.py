@@ -8,7 +8,7 @@ import ssm_reduce
 from ssm_reduce import ops
 from ssm_reduce.ops import reference as R
 
-from .conftest import random_tokens, tiny_mamba, tiny_mamba2
+from .conftest import mamba2_scan_args, random_tokens, tiny_mamba, tiny_mamba2
 
 if not torch.cuda.is_available():
     pytest.skip("the kernel tests need a CUDA GPU", allow_module_level=True)
@@ -23,14 +23,7 @@ LENGTHS = [1, 2, 63, 64, 65, 127, 129, 1000, 4096]
 
 
 def m2_args(b, l, h, p, g, n, dtype, seed=0, noncontiguous=False):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, device="cuda")  # noqa: E731
-    x, dt, B, C = r(b, l, h, p), r(b, l, h), r(b, l, g, n), r(b, l, g, n)
-    if noncontiguous:  # strided views: every other head / state channel of larger tensors
-        x = r(b, l, 2 * h, p)[:, :, ::2]
-        B = r(b, l, g, 2 * n)[..., ::2]
-    return dict(x=x.to(dtype), dt=dt.to(dtype), A=-torch.rand(h, generator=gen, device="cuda") - 0.05,
-                B=B.to(dtype), C=C.to(dtype), D=r(h), dt_bias=0.1 * r(h))
+    return mamba2_scan_args(b, l, h, p, g, n, dtype, "cuda", seed, noncontiguous)
 
 
 def assert_scan_close(got, ref, dtype):

@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from . import _metric_code  # the kernels' metric numbering, shared with the compiled ones
+
 try:  # optional: triton comes with CUDA builds of torch
     import triton
     import triton.language as tl
@@ -35,7 +37,6 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
     tl = None
 
-METRIC_CODES = {"clip": 0, "l1": 1, "l2": 2, "mean": 3}
 CHUNK = 256  # tokens per chunk (the per-chunk float32 states are read and written once each)
 BLOCK_T = 64  # token rows per program of the output kernel (and the inner loops' step)
 
@@ -213,8 +214,7 @@ def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_stat
     ``chunk``: tokens per chunk (a power of two, at least 16; default ``CHUNK``)."""
     if triton is None:
         raise RuntimeError("the Triton scan needs the triton package")
-    if metric not in METRIC_CODES:
-        raise ValueError(f"metric={metric!r} is not supported; choose {', '.join(METRIC_CODES)}")
+    metric_code = _metric_code(metric)  # (checked before anything runs)
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     q = int(chunk or CHUNK)
@@ -260,6 +260,6 @@ def scan_score_mamba2(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_stat
     _chunk_output[(nchunks * (q // bt), batch, nheads)](
         x, zz, B, C, Dv, d, cs, states, y, part, sq, seqlen, nheads, nchunks, headdim, dstate, nheads // ngroups,
         *x.stride(), *zz.stride(), *B.stride(), *C.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, METRIC=METRIC_CODES[metric], Q=q, BT=bt, BP=bp, BN=bn, DOT=dot,
+        HAS_D=D is not None, HAS_Z=z is not None, METRIC=metric_code, Q=q, BT=bt, BP=bp, BN=bn, DOT=dot,
         num_warps=warps)
     return y, final, part, sq
