@@ -78,8 +78,9 @@ class TokenState:
             valid=valid,
             protected=protected,
             # Unpadded input counts as left-padded: padding introduced later goes left, so the last
-            # column stays every row's last real token (what generate and logits_to_keep=1 read).
-            left_padded=bool(valid[:, -1].all()) if seq_len > 0 else True,
+            # column stays every row's last real token (what generate and logits_to_keep=1 read). A row
+            # of padding only says nothing about the side.
+            left_padded=bool((valid[:, -1] | ~valid.any(1)).all()) if seq_len > 0 else True,
         )
 
     @property

@@ -176,6 +176,8 @@ class Runtime:
         self.ops_mixer: Optional[bool] = None
         # (B, N') original indices of the output columns of the latest forward, decode steps included.
         self.last_kept: Optional[torch.Tensor] = None
+        # Patched through the causal LM (which owns the patch of its backbone) or a bare backbone.
+        self.patched_whole_lm = False
 
     @property
     def config(self):

@@ -190,6 +190,80 @@ def test_padding_does_not_change_a_row(family, side):
                                else model(long).logits[0][: padded.logits.shape[1]], atol=2e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_a_row_of_padding_only_changes_no_other_row(family):
+    """A left-padded batch stays left-padded when one of its rows is all padding: the other rows keep
+    their last real token in the last column, and their logits and generated tokens are those of the
+    batch without the empty row."""
+    model = FAMILIES[family]()
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    ids, mask = left_padded(3, 30, [0, 20, 30], seed=4)
+    with_empty = model(ids, attention_mask=mask, logits_to_keep=1)
+    without = model(ids[:2], attention_mask=mask[:2], logits_to_keep=1)
+    assert with_empty.kept_positions[:2].tolist() == without.kept_positions.tolist() == [[29], [29]]
+    torch.testing.assert_close(with_empty.logits[:2], without.logits, atol=2e-5, rtol=1e-4)
+    full = model(ids, attention_mask=mask)
+    assert bool((full.kept_positions[:2, -1] == 29).all())
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    alone = model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[:2], alone)
+
+
+@torch.no_grad()
+def test_logits_to_keep_as_a_tensor_slices_like_transformers(model):
+    """``logits_to_keep`` as 1-D indices or a 1-D boolean mask selects columns, as transformers does
+    (``hidden_states[:, keep]``), unpatched and patched, with and without reduction."""
+    ids = random_tokens(2, 40)
+    columns = torch.tensor([0, 5, 39])
+    flags = torch.zeros(40, dtype=torch.bool)
+    flags[columns] = True
+    dense = model(ids).logits
+    unpatched = [model(ids, logits_to_keep=keep).logits for keep in (columns, flags)]
+    for logits in unpatched:
+        torch.testing.assert_close(logits, dense[:, columns])
+    ssm_reduce.apply(model, method="utr")  # patched, no reduction: bit-identical
+    for keep, logits in zip((columns, flags), unpatched):
+        out = model(ids, logits_to_keep=keep)
+        assert torch.equal(out.logits, logits) and out.kept_positions.tolist() == [[0, 5, 39]] * 2
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    full = model(ids)
+    n = full.logits.shape[1]
+    columns = torch.tensor([0, n // 2, n - 1])
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[columns] = True
+    for keep in (columns, flags):
+        out = model(ids, logits_to_keep=keep)
+        assert torch.equal(out.kept_positions, full.kept_positions[:, columns])
+        torch.testing.assert_close(out.logits, full.logits[:, columns])
+
+
+def test_a_model_and_its_backbone_are_not_patched_separately(family):
+    """One patch per model: a backbone patched on its own blocks patching its causal LM, and a backbone
+    patched as part of its LM cannot be re-patched or removed alone; the errors change nothing."""
+    model = FAMILIES[family]()
+    ids = random_tokens(1, 40)
+    ssm_reduce.apply(model.backbone, method="utr", keep_ratio=0.7)
+    lm_class, backbone_class = type(model), type(model.backbone)
+    with pytest.raises(ValueError, match="backbone of this .* is patched on its own"):
+        ssm_reduce.apply(model, method="utr", keep_ratio=0.9)
+    assert type(model) is lm_class and type(model.backbone) is backbone_class
+    assert not ssm_reduce.is_patched(model)
+    ssm_reduce.remove(model.backbone)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.9)
+    with torch.no_grad():
+        before = model(ids)
+    backbone_class = type(model.backbone)
+    for call in (lambda: ssm_reduce.apply(model.backbone, method="utr", keep_ratio=0.6),
+                 lambda: ssm_reduce.remove(model.backbone)):
+        with pytest.raises(ValueError, match="patched as part of its causal LM"):
+            call()
+        assert type(model.backbone) is backbone_class
+    with torch.no_grad():
+        after = model(ids)
+    assert torch.equal(after.kept_positions, before.kept_positions) and torch.equal(after.logits, before.logits)
+    assert ssm_reduce.stats(model)["keep_ratio"] == 0.9
+
+
 @pytest.mark.parametrize("target", [0.1, 0.2, 0.3])
 @torch.no_grad()
 def test_flops_target_is_realised_on_long_inputs(target):

@@ -34,6 +34,7 @@ def apply(model: torch.nn.Module, config: Optional[ReduceConfig] = None, **overr
     if overrides:
         config = config.with_overrides(**overrides)
     adapter.check(model)
+    adapter.check_ownership(model)
     resolved = config.resolve(adapter.num_layers(model), adapter.conv_kernel(model))
     if runtime_of(model) is not None:
         adapter.unpatch(model)
@@ -51,6 +52,7 @@ def apply(model: torch.nn.Module, config: Optional[ReduceConfig] = None, **overr
 def remove(model: torch.nn.Module) -> torch.nn.Module:
     """Undo ``apply``: the model behaves exactly as before it was patched. A no-op if it is not patched."""
     adapter = adapter_for(model)
+    adapter.check_ownership(model)
     if runtime_of(model) is not None:
         adapter.unpatch(model)
     return model

@@ -170,9 +170,26 @@ class Adapter:
         adapter's anchor path captures y itself."""
         raise NotImplementedError
 
+    def check_ownership(self, model) -> None:
+        """Raise ``ValueError`` if ``model``'s patch belongs to another module: a backbone patched as part of
+        its causal LM, or a causal LM whose backbone was patched on its own (one runtime per model)."""
+        runtime = runtime_of(model)
+        backbone = self.backbone(model)
+        if runtime is not None and backbone is model and runtime.patched_whole_lm:
+            raise ValueError(
+                f"this {type(model).__name__} was patched as part of its causal LM; call ssm_reduce.apply / "
+                "remove on that model instead"
+            )
+        if backbone is not model and runtime_of(backbone) is not None and runtime_of(backbone) is not runtime:
+            raise ValueError(
+                f"the backbone of this {type(model).__name__} is patched on its own; call "
+                "ssm_reduce.remove(model.backbone) first, then patch the whole model"
+            )
+
     def patch(self, model, runtime: Runtime) -> None:
         backbone = self.backbone(model)
         needed = sources_to_capture(runtime.config)
+        runtime.patched_whole_lm = backbone is not model
         if backbone is not model:
             swap_class(model, self.lm_mixin, runtime)
         swap_class(backbone, self.backbone_mixin, runtime)

@@ -79,10 +79,10 @@ def _keep_columns(positions: torch.Tensor, logits_to_keep) -> torch.Tensor:
     if isinstance(logits_to_keep, int):
         return positions if logits_to_keep == 0 else positions[:, -logits_to_keep:]
     keep = logits_to_keep.to(positions.device)
+    if keep.dim() == 1:  # indices or a boolean mask of columns: ``hidden_states[:, keep]``
+        return positions[:, keep]
     if keep.dtype == torch.bool:
         return positions[keep]
-    if keep.dim() == 1:
-        return positions[:, keep]
     return positions.gather(1, keep)
 
 
