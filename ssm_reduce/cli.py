@@ -157,6 +157,8 @@ def cmd_prune(args) -> int:
 
     check_target(args.sparsity, args.pattern, args.method)
     check_swap_rounds(args.swap_rounds)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a directory for the pruned model")
     model, tokenizer = _load(args.model, args.device, args.dtype)
     if args.calib == "embedded":
         calib = training_texts(max_bytes=4 * args.nsamples * args.seqlen)

@@ -107,3 +107,10 @@ def test_cuda_device_is_refused_where_there_is_none(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--device", "cuda"])
     assert "argument --device: 'cuda': CUDA is not available here" in capsys.readouterr().err
+
+
+def test_prune_command_checks_out_before_pruning(tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("")
+    assert cli.main(["prune", "--sparsity", "0.5", "--model", str(tmp_path / "missing"), "--out", str(target)]) == 2
+    assert "--out" in capsys.readouterr().err and target.read_text() == ""

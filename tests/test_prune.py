@@ -1108,3 +1108,164 @@ def test_hessian_in_float32_products_matches_float64(monkeypatch):
     assert fast.h.dtype == torch.float64 and fast.n == reference.n == 3600
     assert relative(fast.h) < 1e-5
     assert not torch.equal(fast.h, reference.h)  # the float32 path was taken
+
+
+# ---------------------------------------------------------------------------------------------------
+# the driver replays every block as the model itself calls it
+
+
+def _hessians_from_driver(model, calib, monkeypatch, **kwargs):
+    """{name: H} as ``prune`` accumulates them, with a prune_linear that changes nothing."""
+    from ssm_reduce.prune import driver
+
+    seen = []
+
+    def record(weight, hessian, **options):
+        seen.append(hessian.clone())
+        return weight.clone(), torch.zeros(weight.shape, dtype=torch.bool), driver.prune_linear.__wrapped__(
+            weight, hessian, sparsity=0.0, method="magnitude")[2]
+
+    record.__wrapped__ = driver.prune_linear
+    monkeypatch.setattr(driver, "prune_linear", record)
+    report = ssm_reduce.prune(model, calib, sparsity=0.5, method="magnitude", progress=False, **kwargs)
+    return dict(zip([layer.name for layer in report.layers], seen))
+
+
+def _hessians_from_a_forward(model, tokens, names, batch_size):
+    """{name: H} from plain forwards of the whole model with hooks on the Linears: the reference."""
+    from ssm_reduce.prune.driver import _HessianHook
+
+    hooks, handles = {}, []
+    for name in names:
+        linear = model.get_submodule(name)
+        hooks[name] = _HessianHook(linear.in_features, "cpu")
+        handles.append(linear.register_forward_hook(lambda m, a, o, h=hooks[name]: h.add(a[0])))
+    with torch.no_grad():
+        for batch in tokens.split(batch_size):
+            model(batch, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return {name: hook.h for name, hook in hooks.items()}
+
+
+def _per_layer_models():
+    """Tiny models whose layers the model calls with different arguments (sliding-window and full
+    attention; Mamba-2 and attention layers), or whose layers return a 1-tuple, with a plain LLaMA."""
+    import transformers as T
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    yield "llama", T.LlamaForCausalLM(T.LlamaConfig(num_hidden_layers=3, **small))
+    gemma = T.Gemma2Config(num_hidden_layers=4, head_dim=8, sliding_window=8, **small)
+    gemma._attn_implementation = "eager"
+    yield "gemma2 (sliding and full attention)", T.Gemma2ForCausalLM(gemma)
+    bamba = T.BambaConfig(num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=8,
+                          mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16,
+                          **small)
+    bamba._attn_implementation = "eager"  # its attention layer then needs its own (causal) mask
+    yield "bamba (Mamba-2 and attention layers)", T.BambaForCausalLM(bamba)
+    falcon = T.FalconH1Config(num_hidden_layers=3, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                              mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_chunk_size=16, **small)
+    yield "falcon-h1 (layers return a 1-tuple)", T.FalconH1ForCausalLM(falcon)
+    jamba = T.JambaConfig(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                          expert_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_d_state=8, mamba_d_conv=4,
+                          mamba_expand=2, mamba_dt_rank=4, **small)
+    yield "jamba (Mamba and attention layers of two classes)", T.JambaForCausalLM(jamba)
+
+
+def test_every_block_is_replayed_with_its_own_arguments(monkeypatch):
+    """The Hessians ``prune`` accumulates for every Linear equal those of plain forwards of the model:
+    each block gets the attention mask the model makes for its own layer type."""
+    calib = torch.randint(0, 64, (2000,), generator=torch.Generator().manual_seed(1))
+    checked = 0
+    for label, model in _per_layer_models():
+        model.eval()
+        driven = _hessians_from_driver(model, calib, monkeypatch, nsamples=4, seqlen=64, batch_size=2)
+        monkeypatch.undo()
+        from ssm_reduce.prune.driver import calibration_tokens
+
+        reference = _hessians_from_a_forward(model, calibration_tokens(calib, None, 4, 64, 0), driven, 2)
+        assert len(driven) >= 6, label
+        for name, h in driven.items():
+            if name.endswith("mamba.dt_proj"):  # applied by its weight: its inputs come from x_proj's outputs
+                continue
+            assert torch.allclose(h, reference[name], rtol=0, atol=1e-9 * float(reference[name].abs().max())), \
+                f"{label}: {name}"
+            checked += 1
+    assert checked > 40
+
+
+def test_blocks_returning_hidden_and_residual_get_both(monkeypatch):
+    """Blocks that return ``(hidden, residual)`` and take both (mamba_ssm's layout, here the stand-in
+    model of test_patch_mamba_ssm built from transformers' Mamba-2 mixer): every block after the first
+    is replayed with the residual stream of the block before, as in a forward of the model."""
+    from .conftest import tiny_mamba2
+    from .test_patch_mamba_ssm import stand_in_classes
+
+    model = stand_in_classes()(tiny_mamba2(layers=3)).eval()
+    calib = torch.randint(0, 64, (2000,), generator=torch.Generator().manual_seed(1))
+    driven = _hessians_from_driver(model, calib, monkeypatch, nsamples=4, seqlen=64, batch_size=2)
+    monkeypatch.undo()
+    from ssm_reduce.prune.driver import calibration_tokens
+
+    reference = _hessians_from_a_forward(model, calibration_tokens(calib, None, 4, 64, 0), driven, 2)
+    assert len(driven) == 6
+    for name, h in driven.items():
+        torch.testing.assert_close(h, reference[name], rtol=0, atol=1e-9 * float(reference[name].abs().max()))
+
+
+def test_a_filter_that_skips_the_first_blocks():
+    model = FAMILIES["mamba2"]()
+    report = ssm_reduce.prune(model, random_tokens(4, 32), sparsity=0.5, method="sparsegpt", progress=True,
+                              filter_fn=lambda module, name: isinstance(module, torch.nn.Linear)
+                              and module is model.backbone.layers[3].mixer.in_proj)
+    assert [layer.name for layer in report.layers] == ["backbone.layers.3.mixer.in_proj"]
+    assert float((model.backbone.layers[3].mixer.in_proj.weight == 0).float().mean()) == 0.5
+
+
+def test_a_target_that_gets_no_inputs_is_skipped_and_reported():
+    """A selected Linear its block never calls (an expert no calibration token reached, say) is left as
+    it is and listed in ``skipped``; the others are pruned."""
+    model = FAMILIES["mamba2"]()
+    for block in model.backbone.layers:
+        block.unused = torch.nn.Linear(8, 8)
+    before = model.backbone.layers[0].unused.weight.clone()
+    report = ssm_reduce.prune(model, random_tokens(4, 32), sparsity=0.5, method="wanda", progress=False,
+                              filter_fn=lambda module, name: name in ("unused", "mixer.in_proj"))
+    assert len(report.layers) == len(model.backbone.layers)
+    assert all(name.endswith("mixer.in_proj") for name in (layer.name for layer in report.layers))
+    assert len(report.skipped) == len(model.backbone.layers) and "no calibration inputs" in report.skipped[0]
+    assert torch.equal(model.backbone.layers[0].unused.weight, before)
+
+
+def test_prune_restores_every_module_mode():
+    model = FAMILIES["mamba"]()
+    model.eval()
+    model.backbone.layers[1].train()  # a mix of modes, restored as it was
+    modes = {name: module.training for name, module in model.named_modules()}
+    ssm_reduce.prune(model, random_tokens(4, 32), sparsity=0.5, method="magnitude", progress=False)
+    assert {name: module.training for name, module in model.named_modules()} == modes
+
+
+def test_prune_refuses_meta_and_mamba_ssm_models_before_any_change():
+    model = FAMILIES["mamba2"]()
+    reference = state_dict_copy(model)
+    with pytest.raises(ValueError, match="device='meta' holds no data"):
+        ssm_reduce.prune(model, random_tokens(4, 32), sparsity=0.5, device="meta", progress=False)
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    host = type("MambaLMHeadModel", (torch.nn.Module,), {"__module__": "mamba_ssm.models.mixer_seq_simple"})
+    fake = host()
+    fake.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+    with pytest.raises(TypeError, match="ssm_reduce.load_model"):
+        ssm_reduce.prune(fake, random_tokens(4, 32), sparsity=0.5, progress=False)
+
+
+def test_windows_longer_than_learned_positions_are_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+    reference = state_dict_copy(model)
+    with pytest.raises(ValueError, match="at most 32 positions: lower seqlen"):
+        ssm_reduce.prune(model, random_tokens(2, 64), sparsity=0.5, method="magnitude", progress=False)
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())

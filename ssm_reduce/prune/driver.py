@@ -9,6 +9,7 @@ never pruned.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -100,11 +101,14 @@ class _Captured(Exception):
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """(qualified name, ModuleList) of the model's repeated blocks: the largest ModuleList whose
     children all share one class (Mamba ``backbone.layers``, LLaMA ``model.layers``, GPT-2
-    ``transformer.h``, OPT ``model.decoder.layers``, ...)."""
+    ``transformer.h``, OPT ``model.decoder.layers``, ...) or that holds as many layers as the config
+    says the model has (hybrid stacks of several layer classes: Jamba's Mamba and attention layers)."""
+    config = getattr(model, "config", None)
+    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     best, best_params = None, -1
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            if len({type(child) for child in module}) != 1:
+            if len({type(child) for child in module}) != 1 and len(module) != depth:
                 continue
             params = sum(p.numel() for p in module.parameters())
             if params > best_params:
@@ -204,39 +208,166 @@ def calibration_tokens(calib, tokenizer, nsamples: int, seqlen: int, seed: int) 
     return torch.stack([calib[s : s + seqlen] for s in starts.tolist()])
 
 
-def _capture_inputs(model, blocks, tokens, batch_size, device):
-    """Run the model up to its first block; returns a list of (args, kwargs) per batch."""
-    captured = []
+class _Slot:
+    """In a block's recorded arguments: output ``index`` of the block before it."""
 
-    def hook(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Captured
+    __slots__ = ("index",)
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    model_device = next(model.parameters()).device
-    try:
-        for batch in tokens.split(batch_size):
-            try:
-                model(batch.to(model_device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return [(_to(args, device), _to(kwargs, device)) for args, kwargs in captured]
+    def __init__(self, index: int):
+        self.index = index
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+def _outputs(output) -> tuple:
+    """A block's output as a tuple (a tensor, or the tuple some blocks return: ``(hidden, residual)``)."""
+    return tuple(output) if isinstance(output, (tuple, list)) else (output,)
+
+
+def _map(obj, leaf):
+    """``obj`` with every tensor or ``_Slot`` ``x`` in its tuples, lists and dicts replaced by ``leaf(x)``."""
+    if isinstance(obj, (torch.Tensor, _Slot)):
+        return leaf(obj)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_map(o, leaf) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _map(v, leaf) for k, v in obj.items()}
     return obj
 
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
+def _to(obj, device, memo: Optional[dict] = None):
+    """``obj``'s tensors on ``device``; a tensor met again (one mask shared by many blocks) is moved once."""
+    memo = {} if memo is None else memo
+
+    def move(t):
+        if isinstance(t, _Slot):
+            return t
+        if id(t) not in memo:
+            memo[id(t)] = (t, t.to(device))  # (the source is held, so that its id stays its own)
+        return memo[id(t)][1]
+    return _map(obj, move)
+
+
+def _fill(call, outputs: tuple):
+    """A recorded ``(args, kwargs)`` with its ``_Slot``s replaced by the previous block's ``outputs``."""
+    return _map(call, lambda t: outputs[t.index] if isinstance(t, _Slot) else t)
+
+
+def _call_model(model, batch):
+    """One forward of ``model`` on token ids; ``use_cache=False`` where its forward names that option."""
+    try:
+        takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_cache = False
+    return model(batch, use_cache=False) if takes_cache else model(batch)
+
+
+def _capture_inputs(model, blocks, tokens, batch_size, device):
+    """What the model calls each block with, per calibration batch: a list over batches of lists over
+    blocks of ``(args, kwargs)``, on ``device``. Block 0's are its real inputs; a later block's hold a
+    ``_Slot`` where the previous block's outputs go (its hidden states, and the residual of blocks that
+    return ``(hidden, residual)``) and, for everything else, what the model made for that block:
+    attention masks differ per layer in models mixing sliding-window, full-attention and recurrent
+    layers, and some models give each layer inputs of its own.
+
+    Three passes, in which no block computes anything but block 0 once: (1) forwards up to block 0;
+    (2) block 0 on the first batch, for the structure of a block's output; (3) forwards in which every
+    block is a stand-in that records its arguments and returns placeholders of that structure, which
+    the next block's arguments hold by identity."""
+    model_device = next(model.parameters()).device
+    batches = list(tokens.split(batch_size))
+    captured: list = []
+
+    def stop(module, args, kwargs):
+        captured.append([(args, kwargs)])
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                _call_model(model, batch.to(model_device))
+            except _Captured:
+                pass
+    except IndexError as err:  # (a learned position embedding shorter than the windows, typically)
+        config = getattr(model, "config", None)
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        raise ValueError(
+            f"the model failed on calibration windows of {tokens.shape[1]} tokens (IndexError: {err})"
+            + (f"; it takes at most {limit} positions: lower seqlen" if limit else "")
+        ) from err
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise RuntimeError(f"the model's forward did not call its first block ({len(captured)} of {len(batches)} "
+                           "calibration batches reached it)")
+    memo: dict = {}
+    if len(blocks) > 1:
+        home = next(blocks[0].parameters()).device
+        blocks[0].to(device)
+        try:
+            args, kwargs = _to(captured[0][0], device, memo)
+            output = blocks[0](*args, **kwargs)
+            structure, bare = _outputs(output), not isinstance(output, (tuple, list))
+        finally:
+            blocks[0].to(home)
+        if not isinstance(structure[0], torch.Tensor):
+            raise TypeError(f"{type(blocks[0]).__name__} returned {type(structure[0]).__name__} first; prune "
+                            "replays blocks that return their hidden states (or a tuple that starts with them)")
+        _record_later_blocks(model, blocks, batches, structure, bare, captured, model_device)
+    return [[_to(call, device, memo) for call in calls] for calls in captured]
+
+
+def _record_later_blocks(model, blocks, batches, structure, bare, captured, model_device):
+    """Pass (3) of ``_capture_inputs``: appends to ``captured[b]`` the arguments of blocks 1, 2, ... . The
+    stand-ins return a tensor where block 0 did (``bare``), else a tuple (a 1-tuple too)."""
+    last = len(blocks) - 1
+    saved = {i: block.__dict__["forward"] for i, block in enumerate(blocks) if "forward" in block.__dict__}
+    state: dict = {}
+
+    def stand_in(index):
+        def forward(*args, **kwargs):
+            markers = state["markers"]
+            if index:
+                ids = {id(t): j for j, t in enumerate(markers) if isinstance(t, torch.Tensor)}
+                found = set()
+
+                def slot(t):
+                    if isinstance(t, torch.Tensor) and id(t) in ids:
+                        found.add(ids[id(t)])
+                        return _Slot(ids[id(t)])
+                    return t
+                call = _map((args, kwargs), slot)
+                if 0 not in found:
+                    raise TypeError(
+                        f"{type(model).__name__} does not pass block {index - 1}'s output to block {index} as it "
+                        "is (it changes the hidden states between blocks); prune cannot replay it block by block"
+                    )
+                state["calls"].append(call)
+            if index == last:
+                raise _Captured
+            return markers[0] if bare else markers
+        return forward
+
+    try:
+        for i, block in enumerate(blocks):
+            block.forward = stand_in(i)
+        for b, batch in enumerate(batches):
+            # placeholders shaped like this batch's outputs (block 0's on the first batch otherwise)
+            state["markers"] = tuple(
+                torch.empty((batch.shape[0],) + t.shape[1:], dtype=t.dtype, device=model_device)
+                if isinstance(t, torch.Tensor) else t for t in structure)
+            state["calls"] = captured[b]
+            try:
+                _call_model(model, batch.to(model_device))
+            except _Captured:
+                pass
+            if len(captured[b]) != len(blocks):
+                raise RuntimeError(f"the model's forward called {len(captured[b])} of its {len(blocks)} blocks")
+    finally:
+        for i, block in enumerate(blocks):
+            if i in saved:
+                block.forward = saved[i]
+            else:
+                block.__dict__.pop("forward", None)
 
 
 # Device types whose Hessian products X^T X run in float32 (full float32, TF32 off), summed in float64:
@@ -318,15 +449,29 @@ def prune_model(
         swap_rounds: ``mrp`` only: at most this many swap rounds per layer, where a trial on 32 rows finds
             that they lower its error (0 = none: 16-27% less solve time on the benchmarked layers that keep
             them, for a higher error there; see ``eval/bench_prune.py``).
-    Everything is validated before the first weight changes; an error in the middle of the run names the
-    layer and says how many were already pruned (the model keeps its train/eval mode).
+    Every block is replayed with the arguments the model itself gives it (its own attention mask, say),
+    and with the outputs of the pruned block before it. Everything is validated before the first weight
+    changes; an error in the middle of the run names the layer and says how many were already pruned
+    (every module keeps its train/eval mode). A target that received no calibration inputs is skipped
+    and listed in ``PruneReport.skipped``.
     """
     nm = check_target(sparsity, pattern, method)
     check_swap_rounds(swap_rounds)
     check_options(blocksize, damp)
     check_batch_size(batch_size)
     device = check_device(device) if device is not None else next(model.parameters()).device
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no data; give the device to prune on (cpu, cuda, cuda:1, ...)")
+    if type(model).__module__.split(".")[0] == "mamba_ssm":
+        raise TypeError(
+            f"prune works on transformers models, not mamba_ssm's {type(model).__name__}: its fused kernels apply "
+            "in_proj and out_proj by their weights, so their inputs cannot be captured. Load the checkpoint with "
+            "ssm_reduce.load_model(path) (a transformers model), prune that, and write it back with "
+            "ssm_reduce.save_model(model, out_dir, format='mamba_ssm')"
+        )
     blocks_name, blocks = find_blocks(model)
+    if any(p.is_meta for p in blocks.parameters()):
+        raise ValueError(f"{blocks_name} has weights on the meta device (not loaded); load the weights first")
     targets = select_targets(blocks, filter_fn)
     skipped = []
     if nm is not None:
@@ -362,11 +507,12 @@ def prune_model(
     if skipped:
         logger.warning("skipped %d layers the pattern does not fit: %s", len(skipped), ", ".join(skipped))
     start = time.perf_counter()
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # restored exactly at the end
     model.eval()
     done = 0  # Linears pruned so far (for the message of an error in the middle of the run)
     try:
-        inputs = _capture_inputs(model, blocks, tokens, batch_size, device)
+        calls = _capture_inputs(model, blocks, tokens, batch_size, device)
+        outputs = None  # per batch, the outputs of the block before (block 0's inputs are recorded as they are)
         # mrp's scratch buffers, kept from layer to layer of the same shape on a CPU (CUDA's caching
         # allocator already reuses memory); dropped when the run ends
         workspace = {} if method == "mrp" and device.type == "cpu" else None
@@ -374,6 +520,7 @@ def prune_model(
         for i in bar:
             block = blocks[i]
             home = next(block.parameters()).device
+            inputs = [batch[i] if outputs is None else _fill(batch[i], outputs[b]) for b, batch in enumerate(calls)]
             block.to(device)
             hooks, handles = {}, []
             try:
@@ -385,6 +532,10 @@ def prune_model(
                 for handle in handles:
                     handle.remove()
                 for name, linear in targets[i]:
+                    if hooks[name].n == 0:  # never called on this block's inputs (an expert no token reached)
+                        report.skipped.append(f"{blocks_name}.{i}.{name} (received no calibration inputs)")
+                        logger.warning("skipped %s.%d.%s: it received no calibration inputs", blocks_name, i, name)
+                        continue
                     weight = weight_view(linear)
                     try:
                         new, _, stats = prune_linear(
@@ -403,19 +554,26 @@ def prune_model(
                     ))
                     if stats.cholesky_retries:
                         logger.warning("%s: %s", name, "; ".join(stats.notes))
-                inputs = [((_first(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
-            finally:
+                outputs = [_outputs(block(*args, **kwargs)) for args, kwargs in inputs]
+            except BaseException:
                 for handle in handles:
                     handle.remove()
-                block.to(home)
-            bar.set_postfix(error=f"{report.layers[-1].relative_error:.3g}")
+                try:
+                    block.to(home)
+                except Exception as move_err:  # (the error under way is the one to see)
+                    logger.warning("could not move block %d back to %s: %s", i, home, move_err)
+                raise
+            block.to(home)
+            if report.layers:
+                bar.set_postfix(error=f"{report.layers[-1].relative_error:.3g}")
     except BaseException as err:
         if done:
             err.add_note(f"ssm_reduce.prune stopped after pruning {done} Linear layers in place; "
                          "the model is partly pruned")
         raise
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     report.seconds = time.perf_counter() - start
     return report
 
