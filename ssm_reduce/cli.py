@@ -27,12 +27,15 @@ def _demo_text(min_bytes: int) -> tuple[str, str]:
     from .embedded import heldout_files
 
     root, rels = heldout_files()
+    longest = 0
     for rel in sorted(rels, key=lambda r: (root / r).stat().st_size, reverse=True):
         text = (root / rel).read_text(encoding="utf-8", errors="replace")
+        longest = max(longest, len(text.encode()))
         if len(text.encode()) >= min_bytes + 4096:
             start = text.find("\ndef ", len(text) // 3) + 1
             return text[start:], rel
-    raise RuntimeError("no held-out standard-library file is long enough for the demo")
+    raise ValueError(f"--tokens is too large: the longest held-out file has {longest} bytes, and the demo's "
+                     f"prompt needs about {min_bytes + 4096}; ask for fewer tokens")
 
 
 def _time_prefill(model, ids, repeats: int) -> float:
@@ -120,7 +123,7 @@ def cmd_ppl(args) -> int:
     import torch
 
     import ssm_reduce
-    from .embedded import EOT_ID, heldout_files
+    from .embedded import heldout_files
     from .evaluation import compare_perplexity
 
     config = ssm_reduce.ReduceConfig(method=args.method, flops_reduction=args.flops_reduction)
@@ -130,9 +133,10 @@ def cmd_ppl(args) -> int:
         source = args.text_file
     else:
         root, rels = heldout_files()
+        eot = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]  # the files' separator
         ids = []
         for rel in rels:
-            ids += tokenizer((root / rel).read_text(encoding="utf-8", errors="replace")).input_ids + [EOT_ID]
+            ids += tokenizer((root / rel).read_text(encoding="utf-8", errors="replace")).input_ids + eot
         source = f"{len(rels)} held-out standard-library files"
     both = compare_perplexity(
         model, torch.tensor(ids), config, window=args.window, scored=args.scored, batch_size=args.batch_size,

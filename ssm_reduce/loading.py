@@ -26,6 +26,9 @@ MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, c
                        norm_before_gate=False, D_has_hdim=False, d_ssm=None)
 MAMBA1_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1, bias=False,
                        conv_bias=True)
+# Layer options that only shape the initialisation or pick a kernel: accepted, and nothing to convert.
+MAMBA2_INIT_ONLY = ("conv_init", "A_init_range", "dt_init_floor", "use_mem_eff_path", "sequence_parallel")
+MAMBA1_INIT_ONLY = ("dt_init", "dt_scale", "dt_init_floor", "use_fast_path")
 
 
 class CheckpointError(ValueError):
@@ -97,6 +100,8 @@ def hf_config_from_mamba_ssm(config: dict, path: Path):
     n_layer = _field(config, "n_layer", path)
     vocab = _field(config, "vocab_size", path)
     multiple = config.get("pad_vocab_size_multiple", 8)
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple <= 0:
+        raise CheckpointError(f"{path}: key 'pad_vocab_size_multiple' must be a positive integer, got {multiple!r}")
     if vocab % multiple:
         vocab += multiple - vocab % multiple
     ssm_cfg = config.get("ssm_cfg") or {}
@@ -116,6 +121,8 @@ def hf_config_from_mamba_ssm(config: dict, path: Path):
         residual_in_fp32=config.get("residual_in_fp32", True), tie_word_embeddings=config.get("tie_embeddings", True),
     )
     if layer == "Mamba2":
+        for key in MAMBA2_INIT_ONLY:
+            ssm_cfg.pop(key, None)
         unknown = set(ssm_cfg) - set(MAMBA2_DEFAULTS)
         if unknown:
             raise CheckpointError(f"{path}: ssm_cfg keys {sorted(unknown)} are not supported for Mamba2 layers")
@@ -138,6 +145,8 @@ def hf_config_from_mamba_ssm(config: dict, path: Path):
         )
     if layer not in ("Mamba1", "Mamba"):
         raise CheckpointError(f"{path}: ssm_cfg layer {layer!r} is not supported; expected Mamba1 or Mamba2")
+    for key in MAMBA1_INIT_ONLY:
+        ssm_cfg.pop(key, None)
     unknown = set(ssm_cfg) - set(MAMBA1_DEFAULTS)
     if unknown:
         raise CheckpointError(f"{path}: ssm_cfg keys {sorted(unknown)} are not supported for Mamba layers")
@@ -246,13 +255,21 @@ def _hf_model_from_mamba_ssm(directory: Path, config: dict, dtype):
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{weights}: missing key {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device="cpu").to(dtype or stored_dtype(state))
     model.load_state_dict(state, strict=False)
     if hf_config.tie_word_embeddings:
         model.tie_weights()
-    if dtype is not None:
-        model = model.to(dtype)
     return model.eval()
+
+
+def stored_dtype(state: dict) -> torch.dtype:
+    """The floating dtype most of a state dict's elements are stored in (what a model loaded without a
+    ``dtype`` keeps, as transformers does for its own checkpoints)."""
+    counts: dict = {}
+    for value in state.values():
+        if value.is_floating_point():
+            counts[value.dtype] = counts.get(value.dtype, 0) + value.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def load_model(path_or_id: Union[str, Path], *, device=None, dtype: Optional[torch.dtype] = None, host: str = "auto"):
@@ -279,6 +296,8 @@ def load_model(path_or_id: Union[str, Path], *, device=None, dtype: Optional[tor
     else:
         from transformers import AutoModelForCausalLM
 
+        from safetensors import SafetensorError
+
         try:
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
         except pickle.UnpicklingError as err:
@@ -286,6 +305,10 @@ def load_model(path_or_id: Union[str, Path], *, device=None, dtype: Optional[tor
                 f"{directory}: its weights file needs more than plain tensors to load (refused, nothing of it "
                 f"was run; only safetensors or weights-only pickles load): {err}"
             ) from None
+        except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"{directory}: could not be loaded ({type(err).__name__}: {err})") from err
     return model.to(device) if device is not None else model
 
 
@@ -331,7 +354,8 @@ def _mamba_ssm_model(directory: Path, config: dict, dtype):
     else:
         state = read_state_dict(_weights_file(directory))
     fields = SSMConfig.__dataclass_fields__
-    model = MambaLMHeadModel(SSMConfig(**{k: v for k, v in config.items() if k in fields}), device="cpu", dtype=dtype)
+    model = MambaLMHeadModel(SSMConfig(**{k: v for k, v in config.items() if k in fields}), device="cpu",
+                             dtype=dtype or stored_dtype(state))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise CheckpointError(f"{directory}: state dict does not match the config (missing {missing}, unexpected {unexpected})")

@@ -114,3 +114,35 @@ def test_prune_command_checks_out_before_pruning(tmp_path, capsys):
     target.write_text("")
     assert cli.main(["prune", "--sparsity", "0.5", "--model", str(tmp_path / "missing"), "--out", str(target)]) == 2
     assert "--out" in capsys.readouterr().err and target.read_text() == ""
+
+
+def test_ppl_joins_the_files_with_the_tokenizer_end_of_text(monkeypatch, capsys):
+    """The default text's files are separated by the checkpoint tokenizer's own end-of-text id."""
+    from types import SimpleNamespace
+
+    import ssm_reduce.evaluation
+
+    class Tokenizer:
+        eos_token_id = 7
+
+        def __call__(self, text):
+            return SimpleNamespace(input_ids=[20, 21, 22])
+
+    seen = {}
+
+    def compare(model, ids, config, **kwargs):
+        seen["ids"] = ids
+        row = {"windows": 1, "scored_tokens": 1, "perplexity": 1.0, "bits_per_token": 0.0,
+               "realised_flops_reduction": 0.0}
+        return {"dense": row, "reduced": row}
+
+    monkeypatch.setattr(cli, "_load", lambda *args: (None, Tokenizer()))
+    monkeypatch.setattr(ssm_reduce.evaluation, "compare_perplexity", compare)
+    assert cli.main(["ppl", "--windows", "1"]) == 0
+    ids = seen["ids"].tolist()
+    assert ids[:4] == [20, 21, 22, 7] and ids.count(7) == len(ids) // 4 and 256 not in ids
+
+
+def test_demo_with_too_many_tokens_is_a_usage_error(capsys):
+    assert cli.main(["demo", "--tokens", "100000"]) == 2
+    assert "--tokens is too large" in capsys.readouterr().err

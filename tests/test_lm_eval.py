@@ -196,3 +196,26 @@ def test_cli_passes_lm_eval_flags_through(model_and_tokenizer, task_dir, tmp_pat
     assert "local_mc" in proc.stdout
     written = list(out.rglob("results*.json"))
     assert written and json.loads(written[0].read_text())["results"]["local_mc"]["acc,none"] >= 0
+
+
+def test_batch_size_auto_with_reduction(model_and_tokenizer, task_dir):
+    """lm-eval's ``batch_size=auto`` probes with made-up batches that match no request: they run dense,
+    and the scores are those of a fixed batch size."""
+    model, tok = model_and_tokenizer
+    args = dict(pretrained=model, tokenizer=tok, device="cpu", method="utr", keep_ratio=0.7, layers="1|3|5")
+    auto = loglikelihoods(ReducedLM(batch_size="auto", max_batch_size=8, **args), task_dir, tasks=("local_mc",))
+    fixed = loglikelihoods(ReducedLM(batch_size=8, **args), task_dir, tasks=("local_mc",))
+    ssm_reduce.remove(model)
+    assert len(auto) == len(fixed) and max(abs(a - b) for a, b in zip(auto, fixed)) < 1e-4
+
+
+def test_mamba_ssm_checkpoint_without_a_device_uses_what_is_there(tmp_path):
+    """As lm-eval's HF model does: CUDA when present, else the CPU (its CLI passes cuda:0 by default)."""
+    from .test_loading import mamba_ssm_checkpoint
+
+    mamba_ssm_checkpoint(tmp_path, "Mamba2")
+    byte_tokenizer().save_pretrained(tmp_path)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    for device in ({}, {"device": "cuda:0"}):
+        lm = ReducedLM(pretrained=str(tmp_path), method="utr", keep_ratio=0.8, **device)
+        assert next(lm.model.parameters()).device.type == expected

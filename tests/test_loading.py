@@ -237,3 +237,53 @@ def test_cli_and_lm_eval_accept_mamba_ssm_checkpoints(tmp_path, capsys):
 
     lm = ReducedLM(pretrained=str(ckpt), device="cpu", method="utr", keep_ratio=0.8)
     assert type(lm.model).__name__ == "Mamba2ForCausalLM" and ssm_reduce.is_patched(lm.model)
+
+
+@pytest.mark.parametrize("layer", ["Mamba2", "Mamba1"])
+def test_a_mamba_ssm_checkpoint_keeps_its_dtype(tmp_path, layer):
+    """Without ``dtype`` a model loads in the dtype its checkpoint stores (as transformers does for its
+    own format), and ``save_model`` / ``load_model`` round-trip a bfloat16 model exactly."""
+    sd = mamba_ssm_checkpoint(tmp_path / "ckpt", layer)
+    torch.save({k: v.bfloat16() for k, v in sd.items()}, tmp_path / "ckpt" / "pytorch_model.bin")
+    model = ssm_reduce.load_model(tmp_path / "ckpt")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ssm_reduce.save_model(model, tmp_path / "again", format="mamba_ssm")
+    again = ssm_reduce.load_model(tmp_path / "again")
+    ids = random_tokens(1, 20)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    assert ssm_reduce.load_model(tmp_path / "ckpt", dtype="float32").dtype == torch.float32
+
+
+def test_init_only_layer_options_are_accepted(tmp_path):
+    """Layer options of mamba_ssm that only shape the initialisation or pick a kernel load (nothing to
+    convert); an invalid vocabulary padding is a checkpoint error."""
+    ckpt = tmp_path / "ckpt"
+    for layer, extra in (("Mamba2", {"dt_init_floor": 1e-4, "A_init_range": [1, 16], "use_mem_eff_path": False,
+                                     "conv_init": None}),
+                         ("Mamba1", {"dt_init": "random", "dt_scale": 1.0, "use_fast_path": True})):
+        mamba_ssm_checkpoint(ckpt, layer)
+        config = json.loads((ckpt / "config.json").read_text())
+        reference = ssm_reduce.load_model(ckpt)
+        (ckpt / "config.json").write_text(json.dumps({**config, "ssm_cfg": {**config["ssm_cfg"], **extra}}))
+        ids = random_tokens(1, 20)
+        with torch.no_grad():
+            assert torch.equal(ssm_reduce.load_model(ckpt)(ids).logits, reference(ids).logits)
+    for multiple in (0, None, "8"):
+        (ckpt / "config.json").write_text(json.dumps({**config, "pad_vocab_size_multiple": multiple}))
+        with pytest.raises(CheckpointError, match="'pad_vocab_size_multiple' must be a positive integer"):
+            ssm_reduce.load_model(ckpt)
+
+
+def test_a_damaged_hf_checkpoint_is_a_checkpoint_error(tmp_path, capsys):
+    from ssm_reduce import cli
+
+    from .conftest import tiny_mamba
+
+    tiny_mamba().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=str(tmp_path) + r": could not be loaded \(SafetensorError"):
+        ssm_reduce.load_model(tmp_path)
+    assert cli.main(["ppl", "--model", str(tmp_path), "--windows", "1"]) == 2
+    assert "could not be loaded" in capsys.readouterr().err

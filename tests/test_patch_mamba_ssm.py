@@ -125,6 +125,56 @@ def test_no_reduction_and_remove_are_exact(pair):
 
 
 @torch.no_grad()
+def test_num_last_tokens_slices_kept_positions_as_the_host_slices_logits(pair):
+    """mamba_ssm slices only when ``num_last_tokens`` is positive (a 0-d tensor counts)."""
+    _, ssm = pair
+    ids = random_tokens(2, 40)
+    ssm_reduce.apply(ssm, method="utr", keep_ratio=0.6)
+    full = ssm(ids)
+    for last in (0, -2, torch.tensor(1), 3):
+        out = ssm(ids, num_last_tokens=last)
+        k = int(last)
+        assert out.kept_positions.shape[1] == out.logits.shape[1] == (full.logits.shape[1] if k <= 0 else k)
+        assert torch.equal(out.kept_positions, full.kept_positions[:, -out.logits.shape[1]:])
+
+
+@torch.no_grad()
+def test_rows_that_would_keep_different_lengths_are_refused(pair):
+    """mamba_ssm mixers take no padding mask: protection masks that leave the rows with different numbers
+    of tokens are a clear error (the padding would run through every later mixer into the real tokens);
+    the same protection size in every row works, and the model keeps working after the error."""
+    hf, ssm = pair
+    ids = random_tokens(2, 50)
+    for model in (hf, ssm):
+        ssm_reduce.apply(model, method="utr", keep_ratio=0.6, layers=[1, 2])
+    uneven = torch.zeros(2, 50, dtype=torch.bool)
+    uneven[1, 20:45] = True
+    with ssm_reduce.protect(ssm, uneven), pytest.raises(ValueError, match="rows kept different numbers of tokens"):
+        ssm(ids)
+    assert ssm_reduce.stats(ssm)["kept_per_row"] == []  # no forward was recorded
+    even = uneven.clone()
+    even[0, 5:30] = True
+    with ssm_reduce.protect(ssm, even), ssm_reduce.protect(hf, even):
+        a, b = hf(ids), ssm(ids)
+    assert torch.equal(a.kept_positions, b.kept_positions) and bool((b.kept_positions >= 0).all())
+    torch.testing.assert_close(b.logits, a.logits, atol=2e-5, rtol=1e-4)
+    with ssm_reduce.protect(hf, uneven):  # the transformers model takes a padding mask: it reduces such rows
+        assert hf(ids).kept_positions.shape[0] == 2
+
+
+@torch.no_grad()
+def test_packed_sequences_are_refused_while_reducing(pair):
+    _, ssm = pair
+    ids = random_tokens(1, 40)
+    seq_idx = torch.cat([torch.zeros(1, 20), torch.ones(1, 20)], 1).int()
+    ssm_reduce.apply(ssm, method="utr", keep_ratio=0.6)
+    with pytest.raises(ValueError, match="seq_idx: packed variable-length sequences are not supported"):
+        ssm(ids, seq_idx=seq_idx)
+    ssm_reduce.apply(ssm)  # no reduction: passed on as they are
+    assert ssm(ids, seq_idx=seq_idx).logits.shape[1] == 40
+
+
+@torch.no_grad()
 def test_anchor_mixers_leave_the_fused_path_only_while_reducing(pair):
     _, ssm = pair
     ssm_reduce.apply(ssm, method="utr", keep_ratio=0.7, layers=[2, 4])

@@ -82,7 +82,7 @@ class ReducedLM(HFLM):
                     kwargs["tokenizer"] = load_tokenizer(pretrained)
                 dtype = kwargs.get("dtype", "auto")
                 pretrained = load_model(pretrained, dtype=None if dtype in (None, "auto") else dtype,
-                                        device=kwargs.get("device", "cuda"))
+                                        device=_available(kwargs.get("device")))
         kwargs.setdefault("backend", "causal")
         super().__init__(pretrained=pretrained, **kwargs)
         ssm_reduce.apply(self.model, config)
@@ -105,6 +105,15 @@ class ReducedLM(HFLM):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
             self._scored_index = None
+
+    def _detect_batch_size(self, requests=None, pos: int = 0):
+        # lm-eval's batch_size=auto probes with batches of made-up tokens that match no request: those
+        # run dense (a bound on the reduced forward's memory)
+        saved, self._scored_index = self._scored_index, None
+        try:
+            return super()._detect_batch_size(requests, pos)
+        finally:
+            self._scored_index = saved
 
     def _scored_masks(self, inps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(padding mask, protect mask) of a right-padded batch, from the request index."""
@@ -151,6 +160,14 @@ class ReducedLM(HFLM):
                 "(it ignores ssm_reduce.protect); lm-eval cannot score them correctly. Use another method."
             )
         return scatter_to_positions(out.logits, out.kept_positions, inps.shape[1])
+
+
+def _available(device) -> str:
+    """lm-eval's device argument as HFLM treats it: CUDA when asked for (or by default) and present, else
+    the CPU."""
+    if device in (None, "") or str(device).startswith("cuda"):
+        return str(device or "cuda") if torch.cuda.is_available() else "cpu"
+    return str(device)
 
 
 def scatter_to_positions(logits: torch.Tensor, kept: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -41,13 +41,14 @@ import torch.nn.functional as F
 from .. import ops
 from ..runtime import Runtime, kept_positions_for
 from .base import Adapter, anchor_host_scan, anchor_scan_mamba1, anchor_uses_ops, class_names, register, runtime_of
-from .hf import _keep_columns
 
 ReducedLMOutput = namedtuple("ReducedLMOutput", ["logits", "kept_positions"])
 # Mixer classes the adapter supports (mamba_ssm.modules: Mamba-1, Mamba-2).
 _MIXERS = ("Mamba", "Mamba2")
 # Attributes that select a mixer's fused fast path (Mamba-2, Mamba-1).
 _FAST_PATH_FLAGS = ("use_mem_eff_path", "use_fast_path")
+# Mixer arguments of packed variable-length batches (several documents in one row).
+_PACKED = ("seq_idx", "cu_seqlens")
 
 
 def _is_decode(inference_params) -> bool:
@@ -59,13 +60,21 @@ class _LMHeadMixin:
         out = super().forward(input_ids, position_ids=position_ids, inference_params=inference_params,
                               num_last_tokens=num_last_tokens, **mixer_kwargs)
         runtime: Runtime = runtime_of(self)
-        return ReducedLMOutput(logits=out.logits, kept_positions=_keep_columns(runtime.last_kept, num_last_tokens))
+        last = int(num_last_tokens)  # (the host slices only when it is positive; a 0-d tensor counts)
+        kept = runtime.last_kept if last <= 0 else runtime.last_kept[:, -last:]
+        return ReducedLMOutput(logits=out.logits, kept_positions=kept)
 
 
 class _MixerModelMixin:
     def forward(self, input_ids, inference_params=None, **mixer_kwargs):
         runtime: Runtime = runtime_of(self)
         batch, seq_len = input_ids.shape[:2]
+        packed = [name for name in _PACKED if mixer_kwargs.get(name) is not None]
+        if packed and runtime.resolved.anchors and seq_len > 1 and not _is_decode(inference_params):
+            raise ValueError(
+                f"{packed[0]}: packed variable-length sequences are not supported with token reduction (merges "
+                "would cross document boundaries); pass one sequence per row, or ssm_reduce.remove(model) first"
+            )
         session = None if _is_decode(inference_params) else runtime.start(batch, seq_len, input_ids.device, None)
         try:
             out = super().forward(input_ids, inference_params=inference_params, **mixer_kwargs)
@@ -192,7 +201,7 @@ class _BlockMixin:
                     del mixer.forward
                 else:
                     mixer.forward = previous
-            return session.reduce(self.layer_idx, hidden_states, residual)
+            return _reduce_unpadded(session, self.layer_idx, hidden_states, residual)
         flags = {name: getattr(mixer, name) for name in _FAST_PATH_FLAGS if hasattr(mixer, name)}
         for name in flags:
             setattr(mixer, name, False)
@@ -203,7 +212,22 @@ class _BlockMixin:
         finally:
             for name, value in flags.items():
                 setattr(mixer, name, value)
-        return session.reduce(self.layer_idx, hidden_states, residual)
+        return _reduce_unpadded(session, self.layer_idx, hidden_states, residual)
+
+
+def _reduce_unpadded(session, layer: int, hidden_states, residual):
+    """``session.reduce``, refusing a plan that leaves rows of different lengths: mamba_ssm mixers take no
+    padding mask, so padding columns would run through every later conv and scan into the real tokens
+    after them (only per-row protection masks of different sizes make the rows' budgets differ)."""
+    hidden_states, residual = session.reduce(layer, hidden_states, residual)
+    if not bool(session.state.valid.all()):
+        kept = session.state.valid.sum(1).tolist()
+        raise ValueError(
+            f"mask: at layer {layer} the rows kept different numbers of tokens ({kept}), because their protection "
+            "masks differ; mamba_ssm models take no padding mask, so every row must keep as many. Protect as "
+            "many positions in every row, or run the transformers model (ssm_reduce.load_model)"
+        )
+    return hidden_states, residual
 
 
 class MambaSsmAdapter(Adapter):
