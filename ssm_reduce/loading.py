@@ -218,16 +218,23 @@ def _weights_file(directory: Path) -> Path:
     raise CheckpointError(f"{directory}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
 
 
-def _local_dir(path_or_id: str) -> Path:
+def _local_dir(path_or_id: str, weights: bool = True) -> Path:
+    """A local checkpoint directory, or a hub id's files downloaded: its configs and tokenizer files, and
+    with ``weights`` one format of its weights (safetensors where the repository has them, as
+    transformers prefers, else the pickles: never both)."""
     path = Path(path_or_id)
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{path}: expected a checkpoint directory")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import list_repo_files, snapshot_download
 
-        return Path(snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]))
+        patterns = ["*.json", "*.txt", "*.model"]
+        if weights:
+            files = list_repo_files(path_or_id)
+            patterns.append("*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin")
+        return Path(snapshot_download(path_or_id, allow_patterns=patterns))
     except Exception as err:  # noqa: BLE001 - every hub failure means the same to the user
         raise CheckpointError(f"{path_or_id}: not a local directory, and the hub could not provide it ({err})") from None
 
@@ -314,7 +321,7 @@ def load_model(path_or_id: Union[str, Path], *, device=None, dtype: Optional[tor
 
 def checkpoint_format(path_or_id: Union[str, Path]) -> str:
     """``"mamba_ssm"`` or ``"hf"``: the format of a checkpoint directory (or hub id)."""
-    directory = _local_dir(resolve_model_name(str(path_or_id)))
+    directory = _local_dir(resolve_model_name(str(path_or_id)), weights=False)
     return "mamba_ssm" if is_mamba_ssm_config(_read_json(directory / "config.json")) else "hf"
 
 
@@ -327,7 +334,7 @@ def load_tokenizer(path_or_id: Union[str, Path]):
     tokenizer the state-spaces models were trained with."""
     from transformers import AutoTokenizer
 
-    directory = _local_dir(resolve_model_name(str(path_or_id)))
+    directory = _local_dir(resolve_model_name(str(path_or_id)), weights=False)
     if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return AutoTokenizer.from_pretrained(directory)
     try:

@@ -287,3 +287,27 @@ def test_a_damaged_hf_checkpoint_is_a_checkpoint_error(tmp_path, capsys):
         ssm_reduce.load_model(tmp_path)
     assert cli.main(["ppl", "--model", str(tmp_path), "--windows", "1"]) == 2
     assert "could not be loaded" in capsys.readouterr().err
+
+
+def test_hub_ids_download_one_weight_format_and_no_weights_for_the_format(tmp_path, monkeypatch):
+    """A hub id (the hub faked here): finding its format or tokenizer downloads no weights; loading it
+    downloads one format of them (safetensors where the repository has both)."""
+    import huggingface_hub
+
+    from .conftest import tiny_mamba
+
+    tiny_mamba().save_pretrained(tmp_path)
+    torch.save({}, tmp_path / "pytorch_model.bin")  # a repository holding both formats
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: [p.name for p in tmp_path.iterdir()])
+
+    def snapshot(repo, allow_patterns):
+        asked.append(sorted(allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert ssm_reduce.loading.checkpoint_format("someone/tiny-mamba") == "hf"
+    assert not any(p in asked[-1] for p in ("*.bin", "*.safetensors"))
+    model = ssm_reduce.load_model("someone/tiny-mamba")
+    assert type(model).__name__ == "MambaForCausalLM"
+    assert "*.safetensors" in asked[-1] and "*.bin" not in asked[-1]
