@@ -8,9 +8,12 @@ and ``flops_reduction = 1 - that mean``. A reduction at anchor ``l`` happens aft
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence
+
+logger = logging.getLogger("ssm_reduce")
 
 METHODS = ("utr", "prune", "merge", "evit", "tome", "random", "recent", "tor-official")
 IMPORTANCE_METRICS = ("clip", "l1", "l2", "mean")
@@ -215,7 +218,11 @@ class ReduceConfig:
             if not anchors:
                 raise ValueError("flops_reduction needs at least one anchor layer; layers=[] was given")
             keep_ratio = solve_keep_ratio(float(self.flops_reduction), anchors, num_layers)
-        if keep_ratio is not None and keep_ratio < 0.5 and self.method in BIPARTITE_METHODS:
+        if keep_ratio is not None and keep_ratio < 0.5 and self.method == "tor-official":
+            # the official code caps each anchor's removals at half of its tokens and runs: so does this mode
+            logger.warning("tor-official: keep ratio %.4f < 0.5; as in the official code, each anchor removes at "
+                           "most half of its tokens, so the realised reduction is lower than asked", keep_ratio)
+        elif keep_ratio is not None and keep_ratio < 0.5 and self.method in BIPARTITE_METHODS:
             asked = (
                 f"keep_ratio={self.keep_ratio}" if self.keep_ratio is not None
                 else f"flops_reduction={self.flops_reduction} (a keep ratio of {keep_ratio:.4f} per anchor)"

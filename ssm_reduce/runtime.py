@@ -194,6 +194,14 @@ class Runtime:
                 f"the protect mask has shape {tuple(protect.shape)} but this forward's input is "
                 f"{(batch, seq_len)}; pass one boolean mask of shape [batch, seq_len] per forward"
             )
+        # A sequence shorter than the protection asked for is bad input (the defaults, protect_last =
+        # conv kernel - 1, are not asked for: a shorter prompt has nothing to remove and passes through).
+        asked = self.config.protect_first + (self.config.protect_last or 0)
+        if seq_len < asked:
+            raise ValueError(
+                f"the input has {seq_len} tokens, fewer than protect_first + protect_last = {asked} protect; "
+                "lower them or give longer inputs"
+            )
         mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             mask = attention_mask[:, -seq_len:]

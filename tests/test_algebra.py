@@ -163,6 +163,14 @@ def test_apply_plan_is_a_weighted_mean(s):
     _, _, plan = run(s)
     x = torch.randn(*plan.slot.shape, 3)
     y = plan.apply(x)
+    x64 = torch.randn(*plan.slot.shape, 3, dtype=torch.float64) / 3  # (not representable in float32)
+    y64 = plan.apply(x64)
+    assert y64.dtype == torch.float64
+    for b in range(x.shape[0]):  # float64 tokens kept alone are copied bit for bit too
+        for slot in range(plan.n_out):
+            members = (plan.slot[b] == slot).nonzero().flatten()
+            if len(members) == 1:
+                assert torch.equal(y64[b, slot], x64[b, members[0]])
     batch = x.shape[0]
     expected = torch.zeros(batch, plan.n_out, 3)
     for b in range(batch):

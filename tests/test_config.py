@@ -100,6 +100,7 @@ def test_resolve():
     with pytest.raises(ValueError, match="removes at most half"):
         ReduceConfig(keep_ratio=0.3).resolve(24, 4)
     assert ReduceConfig(method="evit", keep_ratio=0.3).resolve(24, 4).keep_ratio == 0.3
+    assert ReduceConfig(method="tor-official", keep_ratio=0.3).resolve(24, 4).keep_ratio == 0.3  # capped as upstream
 
 
 def test_stream_q_per_method():

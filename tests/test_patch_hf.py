@@ -453,11 +453,19 @@ def test_return_dict_false(model):
 
 @torch.no_grad()
 def test_short_sequences_pass_through(model):
+    """A prompt no longer than the default protection (conv kernel - 1) has nothing to remove and passes
+    through; a sequence shorter than protection the caller asked for is an error that changes nothing."""
     ids = random_tokens(2, 3)  # all three protected by protect_last
     ref = model(ids).logits
     ssm_reduce.apply(model, method="utr", keep_ratio=0.5)
     out = model(ids)
     assert torch.equal(out.logits, ref)
+    assert torch.equal(model(ids[:, :2]).logits, model.lm_head(model.backbone(ids[:, :2]).last_hidden_state))
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.5, protect_first=2, protect_last=4)
+    with pytest.raises(ValueError, match="the input has 5 tokens, fewer than protect_first \\+ protect_last = 6"):
+        model(random_tokens(2, 5))
+    assert model(random_tokens(2, 6)).logits.shape[1] == 6  # all protected: nothing removed
+    assert model(random_tokens(2, 40)).logits.shape[1] < 40
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -169,7 +169,8 @@ def match(src, dst, src_mask, dst_mask):
 def apply_plan(xs, slot, weights, n_out):
     """See ``reference.apply_plan``."""
     xs, weights = list(xs), list(weights)
-    if _use_kernel(slot, *xs, *weights):
+    # (float64 streams: the reference, which accumulates them in float64; the kernel accumulates in float32)
+    if _use_kernel(slot, *xs, *weights) and all(x.dtype != torch.float64 for x in xs):
         return torch.ops.ssm_reduce.apply_plan(xs, slot, [w.float() for w in weights], int(n_out))
     return reference.apply_plan(xs, slot, weights, n_out)
 

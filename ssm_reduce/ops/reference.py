@@ -66,7 +66,7 @@ def apply_plan(xs: Sequence[torch.Tensor], slot: torch.Tensor, weights: Sequence
         n_out: N', the number of output columns.
     Returns:
         per stream, (B, N', D_k) in its dtype; columns no token maps to are zero. Accumulates in
-        float32, in token order.
+        float32 (float64 for float64 streams), in token order.
     """
     if len(xs) != len(weights):
         raise ValueError(f"apply_plan needs one weight per stream; got {len(xs)} streams and {len(weights)} weights")
@@ -74,8 +74,9 @@ def apply_plan(xs: Sequence[torch.Tensor], slot: torch.Tensor, weights: Sequence
     outs = []
     for x, weight in zip(xs, weights):
         batch, _, dim = x.shape
-        out = torch.zeros(batch, n_out + 1, dim, device=x.device, dtype=torch.float32)
-        contrib = x.float() * weight.float()[..., None]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        out = torch.zeros(batch, n_out + 1, dim, device=x.device, dtype=acc)
+        contrib = x.to(acc) * weight.to(acc)[..., None]
         out.scatter_add_(1, target[..., None].expand(-1, -1, dim), contrib)
         outs.append(out[:, :n_out].to(x.dtype))
     return outs
