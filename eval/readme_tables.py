@@ -26,16 +26,22 @@ def _env(payload) -> str:
     return f"*{where}; torch {env['torch']}, transformers {env['transformers']}; " + ", then ".join(f"`{c}`" for c in commands) + "*"
 
 
+def _on_gpu(payload) -> bool:
+    """Absolute times are quoted from GPU runs only; CPU runs give ratios measured side by side."""
+    return bool(payload["environment"].get("gpu"))
+
+
 def bench_table() -> str | None:
     payload = _load("bench_mamba2-130m_cpu_float32_b1_l2048.json")
     if payload is None:
         return None
-    lines = ["| method | target F | realised F | dense s | reduced s | reduced / dense | ideal (1 − F) |",
-             "|---|---|---|---|---|---|---|"]
+    seconds = _on_gpu(payload)
+    lines = ["| method | target F | realised F | " + ("dense s | reduced s | " if seconds else "")
+             + "reduced / dense | ideal (1 − F) |", "|---|---|---|" + ("---|---|" if seconds else "") + "---|---|"]
     for r in payload["results"]:
         lines.append(f"| {r['method']} | {r['target_flops_reduction']:.1f} | {r['realised_flops_reduction']:.3f} | "
-                     f"{r['dense_median_s']:.2f} | {r['reduced_median_s']:.2f} | **{r['median_ratio']:.3f}** | "
-                     f"{r['ideal_ratio']:.3f} |")
+                     + (f"{r['dense_median_s']:.2f} | {r['reduced_median_s']:.2f} | " if seconds else "")
+                     + f"**{r['median_ratio']:.3f}** | {r['ideal_ratio']:.3f} |")
     return (f"Prefill of the mamba2-130m shape (random weights), batch 1 × {payload['seqlen']} tokens, "
             f"`logits_to_keep=1`, {payload['dtype']}, dense and reduced timed alternately "
             f"({payload['repeats']} pairs, median of the per-pair ratios):\n\n" + "\n".join(lines) + "\n\n" + _env(payload))
@@ -78,22 +84,23 @@ def accuracy_table() -> str | None:
 
 
 def _timing_table(layer) -> str:
-    methods = ("magnitude", "wanda", "sparsegpt", "mrp", "mrp-noswap")
-    timing = ["| layer | target | " + " | ".join(f"{m} s" for m in methods)
-              + " | mrp / sparsegpt time | mrp (no swap) / sparsegpt | mrp / sparsegpt error | mrp (no swap) / sparsegpt error |",
+    methods = ("magnitude", "wanda", "sparsegpt", "mrp", "mrp-noswap") if _on_gpu(layer) else ()
+    timing = ["| layer | target | " + "".join(f"{m} s | " for m in methods)
+              + "mrp / sparsegpt time | mrp (no swap) / sparsegpt | mrp / sparsegpt error | mrp (no swap) / sparsegpt error |",
               "|---|---|" + "---|" * (len(methods) + 4)]
     for r in layer["timings"]:
         kind = f" ({r['inputs']} inputs)" if "inputs" in r else ""
         error = {m: r[m]["relative_error"] / r["sparsegpt"]["relative_error"] for m in ("mrp", "mrp-noswap")}
-        timing.append(f"| {r['shape']} {r['layer']} {r['size'][0]}×{r['size'][1]}{kind} | {r['target']} | " + " | ".join(
-            f"{r[m]['seconds']:.2f}" for m in methods) + f" | {r['mrp_time_over_sparsegpt']:.1f}× |"
+        timing.append(f"| {r['shape']} {r['layer']} {r['size'][0]}×{r['size'][1]}{kind} | {r['target']} | " + "".join(
+            f"{r[m]['seconds']:.2f} | " for m in methods) + f"{r['mrp_time_over_sparsegpt']:.1f}× |"
             f" {r['mrp_noswap_time_over_sparsegpt']:.1f}× | {error['mrp']:.3f} | {error['mrp-noswap']:.3f} |")
     shapes = sorted({r["shape"] for r in layer["timings"]})
     dtype = layer.get("time_weight_dtype", "float32")
     weights = "" if dtype == "float32" else (
         f"; weights in {dtype}, which mrp solves to their precision (a sixteenth of their epsilon)")
-    return (f"Time on random layers of the {' and '.join(shapes)} shape (median of {layer['repeats']} rounds that "
-            "run every method once, in a fresh process; ratios: median of the per-round ratios; each time is "
+    return (f"Time on random layers of the {' and '.join(shapes)} shape ({layer['repeats']} rounds that "
+            "run every method once, in a fresh process; ratios: median of the per-round ratios"
+            + ("" if _on_gpu(layer) else ", measured side by side; CPU times themselves are not quoted") + "; each time is "
             "the whole `prune_linear` call, the reported error included, whose float64 sums go a few rows at a "
             "time; sparsegpt sweeps a float32 copy as its reference implementation; mrp sweeps in float32 and solves exactly — conjugate gradients with "
             "bfloat16 products where the hardware does them fast, refined with float32 then float64 "

@@ -80,7 +80,10 @@ def main(argv=None):
 
     table = []
     for model, method, target in cells(args.models, args.flops):
-        out = args.runs / model.replace("/", "__") / f"{method}_{target}"
+        # one directory per setting: a run is reused only for the same model, method, F, dtype, batch
+        # size, device and task source
+        setting = f"{args.dtype}_bs{args.batch_size}_{args.device.replace(':', '-')}" + ("_offline" if args.offline else "")
+        out = args.runs / model.replace("/", "__") / f"{method}_{target}_{setting}"
         cmd = command(model, method, target, args, out)
         print(" ".join(shlex.quote(c) for c in cmd), flush=True)
         if args.dry_run:
@@ -99,9 +102,15 @@ def main(argv=None):
     lines = ["| model | method | F | six-task average | paper |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['method']} | {r['flops_reduction']:.1f} | {r['average']:.1f} | "
               f"{'' if r['paper'] is None else r['paper']} |" for r in table]
-    (HERE / "results").mkdir(exist_ok=True)
+    sys.path.insert(0, str(HERE))
+    import harness
+
+    payload = {"benchmark": "the paper's six-task zero-shot average under token reduction (lm-eval)",
+               "environment": harness.environment(args.device),
+               "settings": {"dtype": args.dtype, "batch_size": args.batch_size, "offline_tasks": args.offline},
+               "results": table}
+    harness.save("paper_table", payload)
     (HERE / "results" / "paper_table.md").write_text("\n".join(lines) + "\n")
-    (HERE / "results" / "paper_table.json").write_text(json.dumps(table, indent=2) + "\n")
     print("\n".join(lines))
 
 

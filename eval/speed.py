@@ -235,6 +235,11 @@ def main(argv=None):
         previous = harness.result_path(name, args.out)
         if previous.exists():
             before = json.loads(previous.read_text())
+            for key in ("method", "dtype", "sizes"):  # the sections kept must describe the same setting
+                if before.get(key) != payload[key]:
+                    raise SystemExit(f"--skip would merge this run into {previous}, which was measured with "
+                                     f"{key} {before.get(key)!r}, not {payload[key]!r}; rerun every section or "
+                                     "write elsewhere with --out")
             old = {r["shape"]: r for r in before["results"]}
             earlier = before["environment"].pop("earlier_runs", [])
             payload["environment"]["earlier_runs"] = earlier + [before["environment"]]

@@ -195,7 +195,11 @@ def test_cli_passes_lm_eval_flags_through(model_and_tokenizer, task_dir, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "local_mc" in proc.stdout
     written = list(out.rglob("results*.json"))
-    assert written and json.loads(written[0].read_text())["results"]["local_mc"]["acc,none"] >= 0
+    assert written
+    saved = json.loads(written[0].read_text())
+    assert saved["n-samples"]["local_mc"] == {"original": 24, "effective": 6}  # --limit took effect
+    assert saved["config"]["model_args"]["method"] == "utr" and str(saved["config"]["batch_size"]) == "4"
+    assert saved["results"]["local_mc"]["acc,none"] * 6 in {0, 1, 2, 3, 4, 5, 6}  # an accuracy over 6 items
 
 
 def test_batch_size_auto_with_reduction(model_and_tokenizer, task_dir):
