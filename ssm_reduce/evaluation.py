@@ -47,7 +47,8 @@ def windowed_perplexity(
 ) -> dict:
     """Perplexity of the last ``scored`` tokens of each window, with the model as it is (dense or
     patched). Returns ``nll`` (mean, nats), ``perplexity``, ``bits_per_token``, ``scored_tokens``,
-    ``windows`` and, for a patched model, ``realised_flops_reduction`` (mean over batches).
+    ``windows`` and, for a patched model, ``realised_flops_reduction`` (mean over windows). With a
+    ``stride`` below ``scored`` windows overlap in their scored tokens, and each counts once per window.
     """
     if not 1 <= scored < window:
         raise ValueError(f"scored must be in [1, window), got scored={scored}, window={window}")
@@ -66,7 +67,7 @@ def windowed_perplexity(
             expected = torch.arange(window - scored, window, device=device).expand(len(batch), scored)
             if not torch.equal(out.kept_positions, expected):
                 raise RuntimeError("scored positions were not kept; the protection failed")
-            reductions.append(stats(model)["realised_flops_reduction"])
+            reductions.append((stats(model)["realised_flops_reduction"], len(batch)))
         else:
             out = model(inputs, logits_to_keep=scored, use_cache=False)
         logits = out.logits.float()
@@ -84,7 +85,7 @@ def windowed_perplexity(
         "scored": scored,
     }
     if reductions:
-        result["realised_flops_reduction"] = sum(reductions) / len(reductions)
+        result["realised_flops_reduction"] = sum(f * n for f, n in reductions) / sum(n for _, n in reductions)
     return result
 
 
