@@ -1214,6 +1214,20 @@ def test_blocks_returning_hidden_and_residual_get_both(monkeypatch):
         torch.testing.assert_close(h, reference[name], rtol=0, atol=1e-9 * float(reference[name].abs().max()))
 
 
+def test_a_model_of_one_block(monkeypatch):
+    """One block: its inputs from every calibration batch (batches of 2 windows), as a forward gives."""
+    from ssm_reduce.prune.driver import calibration_tokens
+
+    model = FAMILIES["mamba2"](layers=1).eval()
+    calib = torch.randint(0, 64, (2000,), generator=torch.Generator().manual_seed(1))
+    driven = _hessians_from_driver(model, calib, monkeypatch, nsamples=5, seqlen=64, batch_size=2)
+    monkeypatch.undo()
+    reference = _hessians_from_a_forward(model, calibration_tokens(calib, None, 5, 64, 0), driven, 2)
+    assert sorted(driven) == ["backbone.layers.0.mixer.in_proj", "backbone.layers.0.mixer.out_proj"]
+    for name, h in driven.items():
+        torch.testing.assert_close(h, reference[name], rtol=0, atol=1e-9 * float(reference[name].abs().max()))
+
+
 def test_a_filter_that_skips_the_first_blocks():
     model = FAMILIES["mamba2"]()
     report = ssm_reduce.prune(model, random_tokens(4, 32), sparsity=0.5, method="sparsegpt", progress=True,

@@ -268,16 +268,39 @@ def _capture_inputs(model, blocks, tokens, batch_size, device):
     attention masks differ per layer in models mixing sliding-window, full-attention and recurrent
     layers, and some models give each layer inputs of its own.
 
-    Three passes, in which no block computes anything but block 0 once: (1) forwards up to block 0;
-    (2) block 0 on the first batch, for the structure of a block's output; (3) forwards in which every
-    block is a stand-in that records its arguments and returns placeholders of that structure, which
-    the next block's arguments hold by identity."""
+    Three passes, in which no block computes anything but block 0 once: (1) a forward of the first batch
+    up to block 0; (2) block 0 on it, for the structure of a block's output; (3) forwards of every batch
+    in which every block is a stand-in that records its arguments and returns placeholders of that
+    structure, which the next block's arguments hold by identity. (A model of one block: pass 1 only.)"""
     model_device = next(model.parameters()).device
     batches = list(tokens.split(batch_size))
+    first = _first_block_inputs(model, blocks, batches if len(blocks) == 1 else batches[:1], model_device)
+    memo: dict = {}  # (a tensor that several calls share is moved once)
+    if len(blocks) == 1:
+        return [[_to(call, device, memo)] for call in first]
+    home = next(blocks[0].parameters()).device
+    blocks[0].to(device)
+    try:
+        args, kwargs = _to(first[0], device)
+        output = blocks[0](*args, **kwargs)
+        structure, bare = _outputs(output), not isinstance(output, (tuple, list))
+    finally:
+        blocks[0].to(home)
+    del first, args, kwargs, output
+    if not isinstance(structure[0], torch.Tensor):
+        raise TypeError(f"{type(blocks[0]).__name__} returned {type(structure[0]).__name__} first; prune "
+                        "replays blocks that return their hidden states (or a tuple that starts with them)")
+    captured = _record_blocks(model, blocks, batches, structure, bare, model_device)
+    return [[_to(call, device, memo) for call in calls] for calls in captured]
+
+
+def _first_block_inputs(model, blocks, batches, model_device) -> list:
+    """Pass (1) of ``_capture_inputs``: block 0's ``(args, kwargs)`` for each batch, from forwards that
+    stop there."""
     captured: list = []
 
     def stop(module, args, kwargs):
-        captured.append([(args, kwargs)])
+        captured.append((args, kwargs))
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
@@ -291,7 +314,7 @@ def _capture_inputs(model, blocks, tokens, batch_size, device):
         config = getattr(model, "config", None)
         limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         raise ValueError(
-            f"the model failed on calibration windows of {tokens.shape[1]} tokens (IndexError: {err})"
+            f"the model failed on calibration windows of {batches[0].shape[1]} tokens (IndexError: {err})"
             + (f"; it takes at most {limit} positions: lower seqlen" if limit else "")
         ) from err
     finally:
@@ -299,26 +322,13 @@ def _capture_inputs(model, blocks, tokens, batch_size, device):
     if len(captured) != len(batches):
         raise RuntimeError(f"the model's forward did not call its first block ({len(captured)} of {len(batches)} "
                            "calibration batches reached it)")
-    memo: dict = {}
-    if len(blocks) > 1:
-        home = next(blocks[0].parameters()).device
-        blocks[0].to(device)
-        try:
-            args, kwargs = _to(captured[0][0], device, memo)
-            output = blocks[0](*args, **kwargs)
-            structure, bare = _outputs(output), not isinstance(output, (tuple, list))
-        finally:
-            blocks[0].to(home)
-        if not isinstance(structure[0], torch.Tensor):
-            raise TypeError(f"{type(blocks[0]).__name__} returned {type(structure[0]).__name__} first; prune "
-                            "replays blocks that return their hidden states (or a tuple that starts with them)")
-        _record_later_blocks(model, blocks, batches, structure, bare, captured, model_device)
-    return [[_to(call, device, memo) for call in calls] for calls in captured]
+    return captured
 
 
-def _record_later_blocks(model, blocks, batches, structure, bare, captured, model_device):
-    """Pass (3) of ``_capture_inputs``: appends to ``captured[b]`` the arguments of blocks 1, 2, ... . The
-    stand-ins return a tensor where block 0 did (``bare``), else a tuple (a 1-tuple too)."""
+def _record_blocks(model, blocks, batches, structure, bare, model_device) -> list:
+    """Pass (3) of ``_capture_inputs``: per batch, the recorded arguments of every block. The stand-ins
+    return a tensor where block 0 did (``bare``), else a tuple (a 1-tuple too)."""
+    captured: list = [[] for _ in batches]
     last = len(blocks) - 1
     saved = {i: block.__dict__["forward"] for i, block in enumerate(blocks) if "forward" in block.__dict__}
     state: dict = {}
@@ -341,7 +351,9 @@ def _record_later_blocks(model, blocks, batches, structure, bare, captured, mode
                         f"{type(model).__name__} does not pass block {index - 1}'s output to block {index} as it "
                         "is (it changes the hidden states between blocks); prune cannot replay it block by block"
                     )
-                state["calls"].append(call)
+            else:
+                call = (args, kwargs)
+            state["calls"].append(call)
             if index == last:
                 raise _Captured
             return markers[0] if bare else markers
@@ -368,6 +380,7 @@ def _record_later_blocks(model, blocks, batches, structure, bare, captured, mode
                 block.forward = saved[i]
             else:
                 block.__dict__.pop("forward", None)
+    return captured
 
 
 # Device types whose Hessian products X^T X run in float32 (full float32, TF32 off), summed in float64:
