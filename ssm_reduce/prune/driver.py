@@ -460,7 +460,7 @@ def prune_model(
         device: where each block is processed (default: the model's device); the model stays put.
         blocksize, damp: lazy-block width and Hessian damping (fraction of its mean diagonal).
         swap_rounds: ``mrp`` only: at most this many swap rounds per layer, where a trial on 32 rows finds
-            that they lower its error (0 = none: 16-27% less solve time on the benchmarked layers that keep
+            that they lower its error (0 = none: 17-23% less solve time on the benchmarked layers that keep
             them, for a higher error there; see ``eval/bench_prune.py``).
     Every block is replayed with the arguments the model itself gives it (its own attention mask, say),
     and with the outputs of the pruned block before it. Everything is validated before the first weight

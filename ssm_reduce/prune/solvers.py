@@ -53,7 +53,7 @@ Methods (all give exactly the same number of removed weights in every row, or va
      undamped error (``SolveStats.swaps_skipped`` and a note say when they did not). The trial rows
      keep the variant chosen, so the trial costs the other variant on 32 rows. On the bench's 8 random
      and the embedded model's 12 layer/target cases, 32-row trials at 16 placements each all classified
-     the layer as its whole-layer swap gain does; the closest were 1.6% below and 0.8% above even
+     the layer as its whole-layer swap gain does; the closest were 1.6% below and 0.7% above even
      (``eval/swap_trial_check.py``).
 
   Given H, every step works row by row, so the rows of a big weight go through all three in chunks
