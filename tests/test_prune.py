@@ -1283,3 +1283,49 @@ def test_windows_longer_than_learned_positions_are_a_clear_error():
     with pytest.raises(ValueError, match="at most 32 positions: lower seqlen"):
         ssm_reduce.prune(model, random_tokens(2, 64), sparsity=0.5, method="magnitude", progress=False)
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------------
+# prune_linear's edges
+
+
+def test_sparsity_counts_do_not_round_down_below_the_product():
+    """0.29 x 100 is 28.999999999999996 in floating point: every method still removes 29 per row."""
+    w, h = correlated_problem(out=8, inp=100)
+    for method in METHODS:
+        _, mask, stats = prune_linear(w, h, sparsity=0.29, method=method)
+        assert mask.sum(1).tolist() == [29] * 8, method
+
+
+def test_an_ill_conditioned_hessian_without_damping_still_gets_the_optimum():
+    """damp=0 on a positive definite but ill-conditioned Hessian (as many tokens as inputs): rows the
+    float32 factorisations cannot refine are solved in float64, so mrp's kept weights are still the
+    least-squares optimum; a singular one has its damping raised and noted."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 128, generator=gen, dtype=torch.float64)  # condition number ~4e8
+    h = 2 * x.T @ x
+    w = torch.randn(16, 128, generator=gen, dtype=torch.float64)
+    new, mask, stats = prune_linear(w, h, sparsity=0.5, method="mrp", damp=0.0, swap_rounds=0)
+    assert stats.damp == 0.0
+    for i in range(16):
+        k = (~mask[i]).nonzero().flatten()
+        ref = torch.linalg.solve(h[k][:, k], (w[i] @ h)[k])
+        assert float((new[i, k] - ref).norm() / ref.norm()) < 1e-4
+    singular = 2 * x[:100].T @ x[:100]  # rank 100 of 128
+    for method in ("sparsegpt", "mrp"):
+        _, _, stats = prune_linear(w, singular, pattern="2:4", method=method, damp=0.0)
+        assert stats.damp > 0 and stats.cholesky_retries >= 1 and stats.notes
+
+
+def test_hessian_and_weight_types_are_checked_before_any_work():
+    w, h = correlated_problem(out=8, inp=64)
+    with pytest.raises(ValueError, match="hessian must be symmetric"):
+        prune_linear(w, h + torch.triu(torch.ones_like(h)), sparsity=0.5)
+    nearly = h.clone()
+    nearly[0, 1] += 1e-7 * float(h.abs().max())  # float32 rounding of X^T X: its symmetric part is used
+    a = prune_linear(w, nearly, sparsity=0.5, method="sparsegpt")[0]
+    b = prune_linear(w, (nearly + nearly.T) / 2, sparsity=0.5, method="sparsegpt")[0]
+    assert torch.equal(a, b)
+    for bad in (w.long(), w.bool(), w.to(torch.complex64)):
+        with pytest.raises(TypeError, match="weight must be a real floating-point tensor"):
+            prune_linear(bad, h, sparsity=0.5)

@@ -81,6 +81,13 @@ import torch
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "mrp")
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+# The damped Hessian is refused (and the damping raised, as for a failed Cholesky factorisation) where the
+# ratio of its Cholesky pivots — a lower bound on its condition number — exceeds this: the solves' float32
+# factorisations and products could not refine such a system to their guarantee.
+MAX_PIVOT_RATIO = 1e7
+# The direct solve's float32-factored rows whose relative residual stays above this after refinement are
+# solved again with float64 factorisations.
+DIRECT_RESIDUAL = 1e-12
 # Elements of one batched (rows x p x p) system solved at once by the exact re-solve.
 SOLVE_CHUNK_ELEMENTS = 1 << 26
 # The entries of a solve's scratch dict that belong to one Hessian (the rows of a layer share them).
@@ -245,10 +252,16 @@ def _lowest_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.topk(scores, count, dim=-1, largest=False, sorted=False).indices
 
 
+def removed_per_row(sparsity: float, cols: int) -> int:
+    """floor(sparsity * cols), the weights each row loses, exact where the product rounds just below an
+    integer (0.29 * 100 is 28.999999999999996 in floating point)."""
+    return int(math.floor(sparsity * cols + 1e-9))
+
+
 def _score_mask(scores: torch.Tensor, sparsity: Optional[float], nm: Optional[tuple[int, int]]) -> torch.Tensor:
     rows, cols = scores.shape
     if nm is None:
-        return _lowest(scores, int(sparsity * cols))
+        return _lowest(scores, removed_per_row(sparsity, cols))
     n, m = nm
     return _lowest(scores.reshape(rows, cols // m, m), m - n).reshape(rows, cols)
 
@@ -272,21 +285,27 @@ def _inverse_upper(hessian: torch.Tensor, damp: float, stats: SolveStats):
         h = _damped(hessian, damp)
         try:
             chol = torch.linalg.cholesky(h)
+            pivots = torch.diagonal(chol).square()
+            if float(pivots.max()) > MAX_PIVOT_RATIO * float(pivots.min()):
+                # condition number at least this ratio: beyond what the float32 steps of the solves can
+                # refine (only a tiny damping gets here; the default keeps it below 100 x in_features + 1)
+                raise torch.linalg.LinAlgError(f"condition number above {MAX_PIVOT_RATIO:g}")
             hinv = torch.cholesky_inverse(chol)
             upper = torch.linalg.cholesky(hinv, upper=True)
             stats.damp = damp
             return h, hinv, upper
-        except torch.linalg.LinAlgError:
+        except torch.linalg.LinAlgError as err:
             stats.cholesky_retries += 1
             more = damp * 10 if damp > 0 else 1e-3
-            stats.notes.append(f"Cholesky failed with damp={damp:g}; retrying with damp={more:g}")
+            why = str(err) if str(err).startswith("condition number") else "Cholesky failed"
+            stats.notes.append(f"{why} with damp={damp:g}; retrying with damp={more:g}")
             damp = more
     raise RuntimeError(f"the Hessian is not positive definite even with damp={damp:g}")
 
 
 def _block_counts(sparsity: float, cols: int, blocksize: int) -> list[int]:
     """Weights each row removes per block, summing exactly to floor(sparsity * cols)."""
-    total = int(sparsity * cols)
+    total = removed_per_row(sparsity, cols)
     edges = list(range(0, cols, blocksize)) + [cols]
     cum = [round(total * e / cols) for e in edges]
     return [b - a for a, b in zip(cum[:-1], cum[1:])]
@@ -1027,6 +1046,16 @@ def _direct_solve(weight: torch.Tensor, mask: torch.Tensor, h_damped: torch.Tens
         residual = rhs - (dense @ matrix).gather(1, idx)
         sol = sol + solve(residual)
     dense = torch.zeros_like(w).scatter_(1, idx, sol)
+    # rows the float32 factor could not refine (systems too ill-conditioned for it): float64 factorisations
+    residual = rhs - (dense @ matrix).gather(1, idx)
+    poor = (residual.norm(dim=1) > DIRECT_RESIDUAL * rhs.norm(dim=1)).nonzero().flatten()
+    if poor.numel():
+        sub = _gather_square(matrix, idx[poor])
+        chol, info = torch.linalg.cholesky_ex(sub)
+        exact = (torch.cholesky_solve(rhs[poor][..., None], chol) if not bool((info != 0).any())
+                 else torch.linalg.solve(sub, rhs[poor][..., None]))[..., 0]
+        sol[poor] = exact
+        dense[poor] = torch.zeros_like(w[poor]).scatter_(1, idx[poor], exact)
     if use_removed:
         return (w - dense @ hinv).scatter_(1, idx, 0.0)
     return dense
@@ -1307,8 +1336,15 @@ def prune_linear(
     if nm is not None and weight.shape[1] % nm[1]:
         raise ValueError(f"pattern {pattern!r} needs in_features divisible by {nm[1]}, got {weight.shape[1]}")
     for name, tensor in (("weight", weight), ("hessian", hessian)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a real floating-point tensor, got dtype {tensor.dtype}")
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} has non-finite entries (inf or nan); pruning needs finite values")
+    asymmetry = float((hessian - hessian.T).abs().max()) if hessian.numel() else 0.0
+    if asymmetry > 1e-4 * float(hessian.abs().max()):
+        raise ValueError(f"hessian must be symmetric (2 X X^T); it differs from its transpose by up to {asymmetry:.3g}")
+    if asymmetry:  # (float32 sums of X X^T: rounding only) the symmetric part, which every step then reads
+        hessian = (hessian + hessian.T) / 2
     sparsity = None if sparsity is None else float(sparsity)
     start = time.perf_counter()
     stats = SolveStats(method=method, sparsity=0.0, relative_error=0.0, seconds=0.0, damp=damp)
