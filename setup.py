@@ -83,7 +83,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # (transformers 5)
     packages=find_packages(include=["ssm_reduce", "ssm_reduce.*"]),
     package_data={"ssm_reduce": ["data/embedded/*"]},
     include_package_data=True,

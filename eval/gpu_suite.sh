@@ -25,7 +25,7 @@
 #   pack     eval/results/*.json and the logs into $PACK (default gpu-results.tar.gz)
 #
 # `deps` may run in the background while `ext` and `kernels` run:
-#   (bash eval/gpu_suite.sh deps &) ; bash eval/gpu_suite.sh ext kernels ; wait
+#   bash eval/gpu_suite.sh deps & bash eval/gpu_suite.sh ext kernels ; wait
 set -u
 SELF=$(realpath "$0")  # (stages run in a child of this script: see the loop at the end)
 cd "$(dirname "$SELF")/.." && cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)"

@@ -146,3 +146,17 @@ def test_ppl_joins_the_files_with_the_tokenizer_end_of_text(monkeypatch, capsys)
 def test_demo_with_too_many_tokens_is_a_usage_error(capsys):
     assert cli.main(["demo", "--tokens", "100000"]) == 2
     assert "--tokens is too large" in capsys.readouterr().err
+
+
+def test_the_sdist_carries_the_kernel_sources_the_tests_and_the_embedded_model(tmp_path):
+    import tarfile
+
+    env = dict(os.environ, SSM_REDUCE_BUILD_CUDA="0")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (archive,) = tmp_path.glob("*.tar.gz")
+    names = {name.split("/", 1)[1] for name in tarfile.open(archive).getnames() if "/" in name}
+    for needed in ("csrc/bindings.cpp", "csrc/scan_score/scan_score.cu", "tests/conftest.py", "tests/__init__.py",
+                   "tests/mamba_ssm_cpu.py", "ssm_reduce/data/embedded/model.safetensors", "LICENSE"):
+        assert needed in names, needed

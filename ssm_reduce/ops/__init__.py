@@ -78,7 +78,7 @@ def _import_extension():
     try:
         module = importlib.import_module("ssm_reduce._C")
     except ImportError as err:
-        return None, f"extension ssm_reduce._C not built ({err}); set SSM_REDUCE_BUILD_CUDA=1 and reinstall on a CUDA machine"
+        return None, f"extension ssm_reduce._C not built ({err}); on a CUDA machine: SSM_REDUCE_BUILD_CUDA=1 pip install --no-build-isolation -e ."
     try:
         _register_custom_ops(module)
     except Exception as err:  # e.g. a torch too old for these custom-op signatures: use the references
