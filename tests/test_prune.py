@@ -1118,14 +1118,13 @@ def _hessians_from_driver(model, calib, monkeypatch, **kwargs):
     """{name: H} as ``prune`` accumulates them, with a prune_linear that changes nothing."""
     from ssm_reduce.prune import driver
 
-    seen = []
+    seen, real = [], driver.prune_linear
 
     def record(weight, hessian, **options):
         seen.append(hessian.clone())
-        return weight.clone(), torch.zeros(weight.shape, dtype=torch.bool), driver.prune_linear.__wrapped__(
+        return weight.clone(), torch.zeros(weight.shape, dtype=torch.bool), real(
             weight, hessian, sparsity=0.0, method="magnitude")[2]
 
-    record.__wrapped__ = driver.prune_linear
     monkeypatch.setattr(driver, "prune_linear", record)
     report = ssm_reduce.prune(model, calib, sparsity=0.5, method="magnitude", progress=False, **kwargs)
     return dict(zip([layer.name for layer in report.layers], seen))

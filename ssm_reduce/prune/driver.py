@@ -95,7 +95,7 @@ class PruneReport:
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop the forward once the first block's inputs are recorded."""
+    """Raised to stop a capture forward once the blocks it records have been called."""
 
 
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -335,9 +335,8 @@ def _record_blocks(model, blocks, batches, structure, bare, model_device) -> lis
 
     def stand_in(index):
         def forward(*args, **kwargs):
-            markers = state["markers"]
+            markers, ids = state["markers"], state["ids"]
             if index:
-                ids = {id(t): j for j, t in enumerate(markers) if isinstance(t, torch.Tensor)}
                 found = set()
 
                 def slot(t):
@@ -367,6 +366,7 @@ def _record_blocks(model, blocks, batches, structure, bare, model_device) -> lis
             state["markers"] = tuple(
                 torch.empty((batch.shape[0],) + t.shape[1:], dtype=t.dtype, device=model_device)
                 if isinstance(t, torch.Tensor) else t for t in structure)
+            state["ids"] = {id(t): j for j, t in enumerate(state["markers"]) if isinstance(t, torch.Tensor)}
             state["calls"] = captured[b]
             try:
                 _call_model(model, batch.to(model_device))

@@ -278,6 +278,10 @@ def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
+class _IllConditioned(torch.linalg.LinAlgError):
+    """A damped Hessian that factors, but too ill-conditioned for the solves (``MAX_PIVOT_RATIO``)."""
+
+
 def _inverse_upper(hessian: torch.Tensor, damp: float, stats: SolveStats):
     """(damped H, H^-1, upper Cholesky factor U of H^-1), retrying with 10x damping on failure (from 0:
     with 1e-3)."""
@@ -289,7 +293,7 @@ def _inverse_upper(hessian: torch.Tensor, damp: float, stats: SolveStats):
             if float(pivots.max()) > MAX_PIVOT_RATIO * float(pivots.min()):
                 # condition number at least this ratio: beyond what the float32 steps of the solves can
                 # refine (only a tiny damping gets here; the default keeps it below 100 x in_features + 1)
-                raise torch.linalg.LinAlgError(f"condition number above {MAX_PIVOT_RATIO:g}")
+                raise _IllConditioned(f"condition number above {MAX_PIVOT_RATIO:g}")
             hinv = torch.cholesky_inverse(chol)
             upper = torch.linalg.cholesky(hinv, upper=True)
             stats.damp = damp
@@ -297,7 +301,7 @@ def _inverse_upper(hessian: torch.Tensor, damp: float, stats: SolveStats):
         except torch.linalg.LinAlgError as err:
             stats.cholesky_retries += 1
             more = damp * 10 if damp > 0 else 1e-3
-            why = str(err) if str(err).startswith("condition number") else "Cholesky failed"
+            why = str(err) if isinstance(err, _IllConditioned) else "Cholesky failed"
             stats.notes.append(f"{why} with damp={damp:g}; retrying with damp={more:g}")
             damp = more
     raise RuntimeError(f"the Hessian is not positive definite even with damp={damp:g}")
@@ -1050,10 +1054,7 @@ def _direct_solve(weight: torch.Tensor, mask: torch.Tensor, h_damped: torch.Tens
     residual = rhs - (dense @ matrix).gather(1, idx)
     poor = (residual.norm(dim=1) > DIRECT_RESIDUAL * rhs.norm(dim=1)).nonzero().flatten()
     if poor.numel():
-        sub = _gather_square(matrix, idx[poor])
-        chol, info = torch.linalg.cholesky_ex(sub)
-        exact = (torch.cholesky_solve(rhs[poor][..., None], chol) if not bool((info != 0).any())
-                 else torch.linalg.solve(sub, rhs[poor][..., None]))[..., 0]
+        exact = _factor64(_gather_square(matrix, idx[poor]))(rhs[poor])
         sol[poor] = exact
         dense[poor] = torch.zeros_like(w[poor]).scatter_(1, idx[poor], exact)
     if use_removed:
@@ -1071,7 +1072,11 @@ def _factor(sub32: torch.Tensor, matrix: torch.Tensor, idx: torch.Tensor):
             return torch.linalg.solve_triangular(chol.mT, y, upper=True)[..., 0].double()
 
         return solve32
-    sub64 = _gather_square(matrix, idx)
+    return _factor64(_gather_square(matrix, idx))
+
+
+def _factor64(sub64: torch.Tensor):
+    """A solver for the batched float64 systems ``sub64 x = b``: Cholesky, or LU where that fails."""
     chol64, info64 = torch.linalg.cholesky_ex(sub64)
     if bool((info64 != 0).any()):
         return lambda b: torch.linalg.solve(sub64, b[..., None])[..., 0]
