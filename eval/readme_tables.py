@@ -139,7 +139,7 @@ def prune_tables() -> str | None:
                      f"{proto['windows']} windows of {proto['window']}, last {proto['scored']} scored), after pruning "
                      f"with {proto['calibration']['samples']} × {proto['calibration']['seqlen']} calibration bytes "
                      "(the figures move by up to 0.002 bits/byte with the number of threads, which changes the "
-                     "order of float sums" + _one_thread_note() + ", so smaller differences are noise):\n\n"
+                     "order of float sums" + _one_thread_note() + "; smaller differences are noise):\n\n"
                      + md + "\n\n" + _env(model))
     return "\n\n".join(parts) or None
 
@@ -150,8 +150,8 @@ def _one_thread_note() -> str:
     if one is None:
         return ""
     row = next(r for r in one["results"] if r["method"] == "mrp")
-    return (f" — mrp at 50% with {one['environment']['cpu_threads']} thread: {row['bits_per_byte']:.4f} and "
-            f"{row['bits_per_byte_reduced']:.4f}, `eval/results/prune_embedded_mrp50_1thread.json` —")
+    return (f": mrp at 50% with {one['environment']['cpu_threads']} thread gives {row['bits_per_byte']:.4f} and "
+            f"{row['bits_per_byte_reduced']:.4f}, `eval/results/prune_embedded_mrp50_1thread.json`")
 
 
 TABLES = {"bench": bench_table, "speed": speed_table, "accuracy": accuracy_table, "prune": prune_tables}
