@@ -1,5 +1,5 @@
-"""Render the README's result tables from eval/results/*.json (between <!-- results:NAME --> markers),
-so that the README always quotes the saved figures.
+"""Render the result tables of docs/results.md from eval/results/*.json (between <!-- results:NAME -->
+markers), so that the docs always quote the saved figures.
 
     python eval/readme_tables.py
 """
@@ -12,6 +12,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "eval" / "results"
+PAGE = ROOT / "docs" / "results.md"
+WIDTH = 110
+# A word that would open a Markdown block (list item, quote, heading, table row) at the start of a line.
+BLOCK_START = re.compile(r"^([-+*>#|]|\d+[.)])$")
+
+
+def _wrap(text: str) -> str:
+    """``text`` as lines of at most WIDTH characters, never starting a line with a Markdown block marker."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > WIDTH and not BLOCK_START.match(word):
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join(lines + [line])
 
 
 def _load(name):
@@ -23,7 +39,8 @@ def _env(payload) -> str:
     env = payload["environment"]
     where = env.get("gpu") or f"{env['cpu']}, {env['cpu_threads']} threads"
     commands = [e["command"] for e in env.get("earlier_runs", [])] + [env["command"]]
-    return f"*{where}; torch {env['torch']}, transformers {env['transformers']}; " + ", then ".join(f"`{c}`" for c in commands) + "*"
+    return _wrap(f"*{where}; torch {env['torch']}, transformers {env['transformers']}; "
+                 + ", then ".join(f"`{c}`" for c in commands) + "*")
 
 
 def _on_gpu(payload) -> bool:
@@ -42,9 +59,10 @@ def bench_table() -> str | None:
         lines.append(f"| {r['method']} | {r['target_flops_reduction']:.1f} | {r['realised_flops_reduction']:.3f} | "
                      + (f"{r['dense_median_s']:.2f} | {r['reduced_median_s']:.2f} | " if seconds else "")
                      + f"**{r['median_ratio']:.3f}** | {r['ideal_ratio']:.3f} |")
-    return (f"Prefill of the mamba2-130m shape (random weights), batch 1 × {payload['seqlen']} tokens, "
-            f"`logits_to_keep=1`, {payload['dtype']}, dense and reduced timed alternately "
-            f"({payload['repeats']} pairs, median of the per-pair ratios):\n\n" + "\n".join(lines) + "\n\n" + _env(payload))
+    caption = (f"Prefill of the mamba2-130m shape (random weights), batch 1 × {payload['seqlen']} tokens, "
+               f"`logits_to_keep=1`, {payload['dtype']}. Dense and reduced are timed alternately "
+               f"({payload['repeats']} pairs); each ratio is the median of the per-pair ratios:")
+    return _wrap(caption) + "\n\n" + "\n".join(lines) + "\n\n" + _env(payload)
 
 
 def speed_table() -> str | None:
@@ -65,10 +83,11 @@ def speed_table() -> str | None:
                 f"| {res['shape']} | {f:.1f} | – | – | – | – |"
             )
     sizes = payload["sizes"]
-    return (f"CPU-sized protocols: prefill {sizes['prefill'][0]} × {sizes['prefill'][1]}, generation "
-            f"{sizes['generate'][0]} × {sizes['generate'][1]} + {sizes['generate'][2]} new tokens, peak memory of one "
-            f"full-logits forward of {sizes['memory'][0]} × {sizes['memory'][1]} (resident-set growth); method "
-            f"{payload['method']}:\n\n" + "\n".join(lines) + "\n\n" + _env(payload))
+    caption = (f"CPU-sized protocols, method {payload['method']}: prefill {sizes['prefill'][0]} × "
+               f"{sizes['prefill'][1]}; generation {sizes['generate'][0]} × {sizes['generate'][1]} + "
+               f"{sizes['generate'][2]} new tokens; peak memory of one full-logits forward of {sizes['memory'][0]} × "
+               f"{sizes['memory'][1]} (resident-set growth):")
+    return _wrap(caption) + "\n\n" + "\n".join(lines) + "\n\n" + _env(payload)
 
 
 def accuracy_table() -> str | None:
@@ -77,10 +96,29 @@ def accuracy_table() -> str | None:
     if payload is None or not md.exists():
         return None
     proto = payload["perplexity_protocol"]
-    return (f"The embedded model on its held-out tasks ({payload['limit'] or 'all'} items per task) and the "
-            f"perplexity protocol ({proto['windows']} windows of {proto['window']} bytes, last {proto['scored']} "
-            f"scored); realised F is measured on the perplexity windows:\n\n" + md.read_text().strip() + "\n\n"
-            "![accuracy vs FLOPs reduction](eval/results/accuracy_embedded.png)\n\n" + _env(payload))
+    caption = (f"The embedded model on its held-out tasks ({payload['limit'] or 'all'} items per task) and on the "
+               f"perplexity protocol ({proto['windows']} windows of {proto['window']} bytes, last {proto['scored']} "
+               "scored). Realised F is measured on the perplexity windows:")
+    return (_wrap(caption) + "\n\n" + md.read_text().strip() + "\n\n"
+            "![accuracy vs FLOPs reduction](../eval/results/accuracy_embedded.png)\n\n" + _env(payload))
+
+
+def _timing_protocol(layers) -> str:
+    """What every layer-timing table shares, said once above them."""
+    text = ("Layer timings: random layers of a public checkpoint's shape. A round runs every method once, in a "
+            "fresh process; a ratio is the median of the per-round ratios. A time is the whole `prune_linear` "
+            "call, the reported error included (its float64 sums go a few rows at a time). sparsegpt sweeps a "
+            "float32 copy, as its reference implementation does. mrp sweeps in float32 and solves exactly: "
+            "conjugate gradients with bfloat16 products where the hardware does them fast, refined with float32, "
+            "then float64 residuals.")
+    if any(not _on_gpu(layer) for layer in layers):
+        text += (" On a CPU the ratios are measured side by side and the times themselves are not quoted; there "
+                 "mrp keeps its scratch buffers from call to call, as `prune` does across layers.")
+    if any(r.get("inputs") == "correlated" for layer in layers for r in layer["timings"]):
+        text += (" Spread inputs are a random mix plus noise. Correlated inputs have a power-law spectrum (k-th "
+                 "singular value 1/k) with log-normal channel scales, like real activations; on them mrp "
+                 "iterates in the removed weights.")
+    return _wrap(text)
 
 
 def _timing_table(layer) -> str:
@@ -96,22 +134,11 @@ def _timing_table(layer) -> str:
             f" {r['mrp_noswap_time_over_sparsegpt']:.1f}× | {error['mrp']:.3f} | {error['mrp-noswap']:.3f} |")
     shapes = sorted({r["shape"] for r in layer["timings"]})
     dtype = layer.get("time_weight_dtype", "float32")
-    weights = "" if dtype == "float32" else (
-        f"; weights in {dtype}, which mrp solves to their precision (a sixteenth of their epsilon)")
-    return (f"Time on random layers of the {' and '.join(shapes)} shape ({layer['repeats']} rounds that "
-            "run every method once, in a fresh process; ratios: median of the per-round ratios"
-            + ("" if _on_gpu(layer) else ", measured side by side; CPU times themselves are not quoted") + "; each time is "
-            "the whole `prune_linear` call, the reported error included, whose float64 sums go a few rows at a "
-            "time; sparsegpt sweeps a float32 copy as its reference implementation; mrp sweeps in float32 and solves exactly — conjugate gradients with "
-            "bfloat16 products where the hardware does them fast, refined with float32 then float64 "
-            "residuals"
-            + (" — keeping its scratch buffers from call to call as `prune` does across layers on a CPU"
-               if layer["environment"].get("device", "cpu") == "cpu" else "")
-            + ("; spread inputs: a random mix plus noise, correlated ones: a power-law spectrum (k-th singular "
-               "value 1/k) with log-normal channel scales, like real activations, where mrp iterates in the removed "
-               "weights" if any(r.get("inputs") == "correlated" for r in layer["timings"]) else "")
-            + weights + "):\n\n"
-            + "\n".join(timing) + "\n\n" + _env(layer))
+    device = "a GPU" if _on_gpu(layer) else "a CPU"
+    caption = f"The {' and '.join(shapes)} shape on {device}, {layer['repeats']} rounds, weights in {dtype}"
+    if dtype != "float32":
+        caption += ", which mrp solves to their precision (a sixteenth of their epsilon)"
+    return _wrap(caption + ":") + "\n\n" + "\n".join(timing) + "\n\n" + _env(layer)
 
 
 def prune_tables() -> str | None:
@@ -123,24 +150,26 @@ def prune_tables() -> str | None:
         lines = ["| target | mrp / sparsegpt layer error | mrp (no swap) / sparsegpt |", "|---|---|---|"]
         lines += [f"| {k} | {v['mean_mrp_over_sparsegpt_error']:.3f} | {v['mean_mrp_noswap_over_sparsegpt_error']:.3f} |"
                   for k, v in layer["summary"].items()]
-        parts.append("Layer level — relative error ‖WX − W'X‖²/‖WX‖² on the embedded model's own inputs "
-                     "(in_proj and out_proj of three blocks), mean ratio to SparseGPT's (mrp: default, one swap "
-                     "round; no swap: `swap_rounds=0`):\n\n" + "\n".join(lines) + "\n\n" + _timing_table(layer))
+        parts.append(_wrap("Layer level: the relative error ‖WX − W'X‖²/‖WX‖² on the embedded model's own inputs "
+                           "(in_proj and out_proj of three blocks), as a mean ratio to SparseGPT's. mrp is the "
+                           "default, one swap round; no swap is `swap_rounds=0`:") + "\n\n" + "\n".join(lines))
     # (bench_prune_cpu_<N>t.json: the GPU suite's cpubench stage, every core of that machine)
     many_threads = sorted(path.name for path in RESULTS.glob("bench_prune_cpu_*t.json"))
-    for extra in [large] + [_load(name) for name in ["bench_prune_cpu_bf16.json", *many_threads,
-                                                     "bench_prune_cuda.json", "bench_prune_cuda_bf16.json"]]:
-        if extra is not None:
-            parts.append(_timing_table(extra))
+    timed = [t for t in [layer, large] + [_load(name) for name in ["bench_prune_cpu_bf16.json", *many_threads,
+                                                                   "bench_prune_cuda.json", "bench_prune_cuda_bf16.json"]]
+             if t is not None]
+    if timed:
+        parts.append(_timing_protocol(timed))
+        parts += [_timing_table(t) for t in timed]
     if model is not None:
         md = (RESULTS / "prune_embedded.md").read_text().strip()
         proto = model["protocol"]
-        parts.append(f"Model level — the embedded model's held-out bits per byte (windowed protocol, "
-                     f"{proto['windows']} windows of {proto['window']}, last {proto['scored']} scored), after pruning "
-                     f"with {proto['calibration']['samples']} × {proto['calibration']['seqlen']} calibration bytes "
-                     "(the figures move by up to 0.002 bits/byte with the number of threads, which changes the "
-                     "order of float sums" + _one_thread_note() + "; smaller differences are noise):\n\n"
-                     + md + "\n\n" + _env(model))
+        caption = (f"Model level: the embedded model's held-out bits per byte (windowed protocol: {proto['windows']} "
+                   f"windows of {proto['window']}, last {proto['scored']} scored) after pruning with "
+                   f"{proto['calibration']['samples']} × {proto['calibration']['seqlen']} calibration bytes. The "
+                   "figures move by up to 0.002 bits/byte with the number of threads, which changes the order of "
+                   "float sums" + _one_thread_note() + ". Smaller differences are noise:")
+        parts.append(_wrap(caption) + "\n\n" + md + "\n\n" + _env(model))
     return "\n\n".join(parts) or None
 
 
@@ -151,25 +180,25 @@ def _one_thread_note() -> str:
         return ""
     row = next(r for r in one["results"] if r["method"] == "mrp")
     return (f": mrp at 50% with {one['environment']['cpu_threads']} thread gives {row['bits_per_byte']:.4f} and "
-            f"{row['bits_per_byte_reduced']:.4f}, `eval/results/prune_embedded_mrp50_1thread.json`")
+            f"{row['bits_per_byte_reduced']:.4f} (`eval/results/prune_embedded_mrp50_1thread.json`)")
 
 
 TABLES = {"bench": bench_table, "speed": speed_table, "accuracy": accuracy_table, "prune": prune_tables}
 
 
 def main():
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    name_of_page = PAGE.relative_to(ROOT).as_posix()
+    text = PAGE.read_text()
     for name, render in TABLES.items():
         body = render()
         if body is None:
             continue
         pattern = re.compile(rf"(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- results:{name} --> markers")
+            raise SystemExit(f"{name_of_page} has no <!-- results:{name} --> markers")
         text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
-    readme.write_text(text)
-    print("README tables updated")
+    PAGE.write_text(text)
+    print(f"{name_of_page}: result tables updated")
 
 
 if __name__ == "__main__":
