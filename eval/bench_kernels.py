@@ -183,7 +183,8 @@ def bench_match(rows):
 
 
 def bench_apply_plan(rows):
-    from ssm_reduce.reduce import TokenState, budgets, build_plan, select
+    from ssm_reduce.methods import budgets, select
+    from ssm_reduce.reduce import TokenState, build_plan
 
     b, n, dim = 16, 2048, 2560
     state = TokenState.initial(b, n, torch.device("cuda"), protect_last=3)

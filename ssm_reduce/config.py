@@ -15,12 +15,10 @@ from typing import Optional, Sequence
 
 logger = logging.getLogger("ssm_reduce")
 
-METHODS = ("utr", "prune", "merge", "evit", "tome", "random", "recent", "tor-official")
+from .methods import METHODS, get as get_method
+
 IMPORTANCE_METRICS = ("clip", "l1", "l2", "mean")
 SOURCES = ("ssm", "gated", "block")
-
-# Methods that split candidates into two halves and remove only sources: at most half per anchor.
-BIPARTITE_METHODS = ("utr", "prune", "merge", "tome", "tor-official")
 
 # The official schedules of the paper's code for the depths of the public checkpoints.
 PAPER_SCHEDULES = {
@@ -108,7 +106,7 @@ class ReduceConfig:
     """What to reduce, where and how much. Validates itself on construction.
 
     Args:
-        method: one of ``METHODS`` (see the README's table).
+        method: one of ``METHODS`` (``ssm_reduce.methods``).
         layers: anchor layer indices (reduction happens after the mixer of each); ``None`` = the
             paper's schedule for the model's depth (``default_schedule``).
         keep_ratio: fraction of the tokens entering an anchor that leave it, in (0, 1].
@@ -197,11 +195,7 @@ class ReduceConfig:
 
     def stream_q(self) -> tuple[float, float]:
         """(q_hidden, q_residual) the method actually uses: ``prune`` is 1/1, ``merge`` and ``tome`` 0/0."""
-        if self.method == "prune":
-            return 1.0, 1.0
-        if self.method in ("merge", "tome"):
-            return 0.0, 0.0
-        return self.q_hidden, self.q_residual
+        return get_method(self.method).streams or (self.q_hidden, self.q_residual)
 
     def resolve(self, num_layers: int, conv_kernel: int) -> "ResolvedConfig":
         """Bind the config to a model depth; raises ``ValueError`` for out-of-range anchors."""
@@ -218,11 +212,12 @@ class ReduceConfig:
             if not anchors:
                 raise ValueError("flops_reduction needs at least one anchor layer; layers=[] was given")
             keep_ratio = solve_keep_ratio(float(self.flops_reduction), anchors, num_layers)
-        if keep_ratio is not None and keep_ratio < 0.5 and self.method == "tor-official":
+        below_half = get_method(self.method).below_half if keep_ratio is not None and keep_ratio < 0.5 else None
+        if below_half == "cap":
             # the official code caps each anchor's removals at half of its tokens and runs: so does this mode
-            logger.warning("tor-official: keep ratio %.4f < 0.5; as in the official code, each anchor removes at "
-                           "most half of its tokens, so the realised reduction is lower than asked", keep_ratio)
-        elif keep_ratio is not None and keep_ratio < 0.5 and self.method in BIPARTITE_METHODS:
+            logger.warning("%s: keep ratio %.4f < 0.5; as in the official code, each anchor removes at most half "
+                           "of its tokens, so the realised reduction is lower than asked", self.method, keep_ratio)
+        elif below_half == "refuse":
             asked = (
                 f"keep_ratio={self.keep_ratio}" if self.keep_ratio is not None
                 else f"flops_reduction={self.flops_reduction} (a keep ratio of {keep_ratio:.4f} per anchor)"

@@ -15,7 +15,6 @@ output positions, but each stream has its own prune / merge split (``q_hidden`` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,8 +26,15 @@ __all__ = [
     "TokenState",
     "Plan",
     "importance_scores",
-    "budgets",
-    "select",
+    "budget_source_half",
+    "budget_alternate_half",
+    "budget_all_but_one",
+    "budget_official",
+    "select_by_importance_halves",
+    "select_alternate",
+    "select_least_important",
+    "select_random",
+    "select_oldest",
     "build_plan",
     "official_reduce",
 ]
@@ -174,22 +180,38 @@ def importance_scores(values: torch.Tensor, metric: str) -> torch.Tensor:
     raise ValueError(f"importance metric {metric!r} is not supported; choose clip, l1, l2 or mean")
 
 
-def budgets(state: TokenState, keep_ratio: float, method: str) -> torch.Tensor:
-    """(B,) number of real tokens each row removes at an anchor.
+def _wanted(state: TokenState, keep_ratio: float) -> torch.Tensor:
+    """(B,) ``round(n_real * (1 - keep_ratio))``: what a row asks to remove, from its own real length."""
+    return torch.floor(state.n_real.double() * (1.0 - keep_ratio) + 0.5).long()
 
-    ``round(n_real * (1 - keep_ratio))`` from the row's own real length, capped by what the method can
-    remove: bipartite methods at most the size of their source half, the others every candidate but
-    one real token (a row never loses all of its tokens).
-    """
-    candidates = (state.valid & ~state.protected).sum(1)
-    wanted = torch.floor(state.n_real.double() * (1.0 - keep_ratio) + 0.5).long()
-    if method in ("utr", "prune", "merge"):
-        cap = candidates // 2
-    elif method == "tome":
-        cap = torch.where(candidates >= 2, (candidates + 1) // 2, torch.zeros_like(candidates))
-    else:
-        cap = torch.minimum(candidates, (state.n_real - 1).clamp_min(0))
-    return torch.minimum(wanted, cap)
+
+def _candidates(state: TokenState) -> torch.Tensor:
+    """(B,) tokens each row may remove: real and unprotected."""
+    return (state.valid & ~state.protected).sum(1)
+
+
+def budget_source_half(state: TokenState, keep_ratio: float) -> torch.Tensor:
+    """(B,) tokens each row removes when only the less important half of its candidates may leave."""
+    return torch.minimum(_wanted(state, keep_ratio), _candidates(state) // 2)
+
+
+def budget_alternate_half(state: TokenState, keep_ratio: float) -> torch.Tensor:
+    """(B,) tokens each row removes when every other candidate (the first, third, ...) may leave."""
+    candidates = _candidates(state)
+    cap = torch.where(candidates >= 2, (candidates + 1) // 2, torch.zeros_like(candidates))
+    return torch.minimum(_wanted(state, keep_ratio), cap)
+
+
+def budget_all_but_one(state: TokenState, keep_ratio: float) -> torch.Tensor:
+    """(B,) tokens each row removes when any candidate may leave (a row never loses all its tokens)."""
+    return torch.minimum(_wanted(state, keep_ratio), torch.minimum(_candidates(state), (state.n_real - 1).clamp_min(0)))
+
+
+def budget_official(state: TokenState, keep_ratio: float) -> torch.Tensor:
+    """(B,) tokens each row removes in the official code: ``n - ceil(n * keep_ratio)``, at most half of the
+    row's real tokens, protection ignored."""
+    n = state.n_real
+    return torch.minimum(n - torch.ceil(n.double() * keep_ratio).long(), n // 2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,41 +290,53 @@ def _hash_keys(index: torch.Tensor, seed: int, layer: int) -> torch.Tensor:
     return h
 
 
-def select(
-    method: str,
-    state: TokenState,
-    r: torch.Tensor,
-    importance: torch.Tensor,
-    features: Optional[torch.Tensor],
-    seed: int = 0,
-    layer: int = 0,
-) -> Selection:
-    """Which tokens each row removes (exactly ``r[b]``, protected and padding never), and where to.
+def _time_index(candidates: torch.Tensor) -> torch.Tensor:
+    """(B, N) index of each candidate among its row's candidates, in time order."""
+    return candidates.long().cumsum(1) - 1
 
-    importance: (B, N) float32. features: (B, N, D) similarity features (matching methods only).
-    """
-    candidates = state.valid & ~state.protected
-    batch, n = candidates.shape
-    no_dst = torch.full((batch, n), -1, dtype=torch.long, device=candidates.device)
-    cand_index = candidates.long().cumsum(1) - 1  # index among the row's candidates, in time order
-    if method in ("utr", "prune", "merge"):
-        # Sec. 4.2: the less important half are sources, the more important half destinations.
-        n_src = candidates.sum(1) // 2
-        src = candidates & (_rank(importance, candidates) < n_src[:, None])
-        return _bipartite(src, candidates & ~src, features, r)
-    if method == "tome":
-        even = candidates & (cand_index % 2 == 0)
-        return _bipartite(even, candidates & ~even, features, r)
-    if method == "evit":
-        keys = importance
-    elif method == "random":
-        keys = _hash_keys(cand_index.clamp(min=0), seed, layer).double()
-    elif method == "recent":
-        keys = cand_index.double()
-    else:
-        raise ValueError(f"method {method!r} has no generic selection")
+
+def _remove_lowest(candidates: torch.Tensor, keys: torch.Tensor, r: torch.Tensor) -> Selection:
+    """Remove the ``r[b]`` candidates of each row with the lowest keys; nothing merges."""
     removed = candidates & (_rank(keys, candidates) < r[:, None])
-    return Selection(removed, no_dst)
+    return Selection(removed, torch.full(candidates.shape, -1, dtype=torch.long, device=candidates.device))
+
+
+# Every selection takes (state, r, importance, features, seed, layer) and removes exactly ``r[b]`` tokens of
+# row b, never protected or padding ones. importance: (B, N) float32. features: (B, N, D) similarity
+# features (matching methods; None otherwise).
+
+
+def select_by_importance_halves(state: TokenState, r, importance, features, seed: int = 0, layer: int = 0) -> Selection:
+    """Sec. 4.2: the less important half of the candidates are sources, matched to the more important half."""
+    candidates = state.valid & ~state.protected
+    n_src = candidates.sum(1) // 2
+    src = candidates & (_rank(importance, candidates) < n_src[:, None])
+    return _bipartite(src, candidates & ~src, features, r)
+
+
+def select_alternate(state: TokenState, r, importance, features, seed: int = 0, layer: int = 0) -> Selection:
+    """ToMe's split: every other candidate (in time order) is a source, matched to the others."""
+    candidates = state.valid & ~state.protected
+    even = candidates & (_time_index(candidates) % 2 == 0)
+    return _bipartite(even, candidates & ~even, features, r)
+
+
+def select_least_important(state: TokenState, r, importance, features, seed: int = 0, layer: int = 0) -> Selection:
+    """EViT done in the right direction: the least important candidates are pruned."""
+    candidates = state.valid & ~state.protected
+    return _remove_lowest(candidates, importance, r)
+
+
+def select_random(state: TokenState, r, importance, features, seed: int = 0, layer: int = 0) -> Selection:
+    """Candidates pruned in a pseudo-random order fixed by ``seed`` and ``layer`` (the same on every device)."""
+    candidates = state.valid & ~state.protected
+    return _remove_lowest(candidates, _hash_keys(_time_index(candidates).clamp(min=0), seed, layer).double(), r)
+
+
+def select_oldest(state: TokenState, r, importance, features, seed: int = 0, layer: int = 0) -> Selection:
+    """The oldest candidates are pruned (a sliding window over the unprotected tokens)."""
+    candidates = state.valid & ~state.protected
+    return _remove_lowest(candidates, _time_index(candidates).double(), r)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,8 +433,9 @@ def build_plan(
 # the official code's selection (tor-official), reproduced with its quirks
 
 
-def _official_row(hidden: torch.Tensor, residual: torch.Tensor, metric: torch.Tensor, keep_ratio: float):
-    """One row of the official ``hybrid`` (hidden) / ``merge_only`` (residual) reduction.
+def _official_row(hidden: torch.Tensor, residual: torch.Tensor, metric: torch.Tensor, r: int):
+    """One row of the official ``hybrid`` (hidden) / ``merge_only`` (residual) reduction, removing ``r``
+    tokens (``budget_official``).
 
     hidden, residual, metric: (1, n, D) in time order. Returns (hidden', residual', kept, merged_into)
     where kept (n,) bool marks surviving positions and merged_into (n,) int64 gives the position each
@@ -411,8 +446,6 @@ def _official_row(hidden: torch.Tensor, residual: torch.Tensor, metric: torch.Te
     values. Sizes are not carried across anchors.
     """
     n = hidden.shape[1]
-    keep = math.ceil(n * keep_ratio)
-    r = min(n - keep, n // 2)
     kept = torch.ones(n, dtype=torch.bool, device=hidden.device)
     merged_into = torch.full((n,), -1, dtype=torch.long, device=hidden.device)
     if r <= 0:
@@ -456,25 +489,21 @@ def _official_row(hidden: torch.Tensor, residual: torch.Tensor, metric: torch.Te
     return hidden_out, residual_out, kept, merged_into
 
 
-def official_reduce(
-    hidden: torch.Tensor,
-    residual: torch.Tensor,
-    state: TokenState,
-    keep_ratio: float,
-    metric_name: str,
-):
-    """Apply the official selection to each row's real tokens; returns (hidden', residual', state').
+def official_reduce(hidden: torch.Tensor, residual: torch.Tensor, state: TokenState, r: torch.Tensor, metric_name: str):
+    """Apply the official selection to each row's real tokens, removing ``r`` (B,) of them
+    (``budget_official``); returns (hidden', residual', state').
 
     The metric is the mixer output, clamped at 0 for ``clip`` (the official default) and raw otherwise.
     Protection is ignored (the official code has none); padding is removed first.
     """
     batch = hidden.shape[0]
     rows = []
+    removals = r.tolist()
     for b in range(batch):
         idx = state.valid[b].nonzero().squeeze(1)
         h, res = hidden[b : b + 1, idx], residual[b : b + 1, idx]
         metric = h.clamp(min=0) if metric_name == "clip" else h
-        h2, res2, kept, merged_into = _official_row(h, res, metric, keep_ratio)
+        h2, res2, kept, merged_into = _official_row(h, res, metric, removals[b])
         pos = state.pos[b, idx]
         size = _official_sizes(state.size[b, idx].clone(), kept, merged_into)
         rows.append((h2[0], res2[0], pos[kept], size[kept], state.protected[b, idx][kept]))

@@ -93,14 +93,13 @@ def main() -> dict:
 
     from ssm_reduce import ops
     from ssm_reduce.ops import reference as R
-    from ssm_reduce.reduce import TokenState, budgets, build_plan, select
+    from ssm_reduce.testing import use_standin_extension
+    from ssm_reduce.methods import budgets, select
+    from ssm_reduce.reduce import TokenState, build_plan
 
     module = _standin_module()
-    ops._register_custom_ops(module)
     # the front door now treats CPU tensors as the kernels' (SSM_REDUCE_DISABLE_KERNELS=1 still turns them off)
-    ops._load_extension = lambda: (None, "disabled") if ops._disabled() else (module, "loaded")
-    ops._use_kernel = lambda *tensors: (ops._load_extension()[0] is not None
-                                        and all(t.device == tensors[0].device for t in tensors))
+    use_standin_extension(module)
     gen = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     result = {}

@@ -162,7 +162,7 @@ def install(paths) -> None:
 def check(layer: str, workdir: Path) -> dict:
     """The real mamba_ssm model against the transformers model on one checkpoint, unpatched and patched."""
     import ssm_reduce
-    from ssm_reduce.patch.base import runtime_of
+    from ssm_reduce.testing import force_scan
 
     from .conftest import random_tokens
     from .test_loading import mamba_ssm_checkpoint
@@ -228,7 +228,8 @@ def check(layer: str, workdir: Path) -> dict:
 
     # the route CUDA anchors take (the mixer through ssm_reduce.ops, the scan scoring y itself) gives
     # the same results, the generation cache included
-    runtime_of(real).ops_mixer = True
+    forcing = force_scan(real, True)
+    forcing.__enter__()
     CALLS.clear()
     c = real(ids)
     assert CALLS == Counter({fused: 2, "ops_scan": 2}), dict(CALLS)
@@ -238,7 +239,7 @@ def check(layer: str, workdir: Path) -> dict:
     out_ops = real.generate(ids, max_length=ids.shape[1] + new, cg=False, return_dict_in_generate=True,
                             output_scores=True)
     assert CALLS["ops_scan"] == 2, dict(CALLS)  # the anchors' prefill filled the cache through ops
-    runtime_of(real).ops_mixer = None
+    forcing.__exit__(None, None, None)
     assert torch.equal(out_ops.sequences, out.sequences)
     torch.testing.assert_close(torch.stack(out_ops.scores, 1), scores, atol=1e-4, rtol=1e-4)
 
@@ -263,7 +264,7 @@ def check_unusual_mamba2() -> dict:
     import ssm_reduce
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-    from ssm_reduce.patch.base import runtime_of
+    from ssm_reduce.testing import force_scan
 
     from .conftest import random_tokens
 
@@ -279,9 +280,9 @@ def check_unusual_mamba2() -> dict:
     ssm_reduce.apply(model, method="utr", keep_ratio=0.7, layers=[1, 2])
     results = {}
     for forced in (None, True):  # the host's scan without its gate / ssm_reduce.ops
-        runtime_of(model).ops_mixer = forced
         CALLS.clear()
-        results[forced] = model(ids)
+        with force_scan(model, forced):
+            results[forced] = model(ids)
         assert CALLS.get("ops_scan" if forced else "chunk_scan", 0) >= 2, dict(CALLS)
     a, b = results[None], results[True]
     assert a.logits.shape[1] < ids.shape[1] and torch.equal(a.kept_positions, b.kept_positions)

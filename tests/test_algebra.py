@@ -7,15 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ssm_reduce.config import METHODS
+from ssm_reduce.methods import METHODS, budgets, select
 from ssm_reduce.ops import reference
-from ssm_reduce.reduce import (
-    TokenState,
-    budgets,
-    build_plan,
-    importance_scores,
-    select,
-)
+from ssm_reduce.reduce import TokenState, build_plan, importance_scores
 
 GENERIC = [m for m in METHODS if m != "tor-official"]
 

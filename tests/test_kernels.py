@@ -152,7 +152,8 @@ def test_apply_plan_huge_batch():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 2, 127, 1000])
 def test_apply_plan(dtype, n):
-    from ssm_reduce.reduce import TokenState, budgets, build_plan, select
+    from ssm_reduce.methods import budgets, select
+    from ssm_reduce.reduce import TokenState, build_plan
 
     gen = torch.Generator(device="cuda").manual_seed(n)
     mask = torch.ones(3, n, dtype=torch.bool, device="cuda")

@@ -18,7 +18,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 import ssm_reduce  # noqa: E402
 from ssm_reduce.embedded import byte_tokenizer  # noqa: E402
 from ssm_reduce.integrations.lm_eval import ReducedLM, reduce_config_from_args  # noqa: E402
-from ssm_reduce.patch.base import runtime_of  # noqa: E402
+from ssm_reduce.testing import latest_plans  # noqa: E402
 
 from .conftest import tiny_mamba2  # noqa: E402
 
@@ -117,16 +117,16 @@ def test_scored_positions_are_never_removed_or_merged_into(model_and_tokenizer, 
             return original(self, inps, attn_mask, labels)
         _, protect = self._scored_masks(inps)
         logits = original(self, inps, attn_mask, labels)
-        runtime = runtime_of(self.model)
-        kept = runtime.last_stats["kept_positions"]
+        stats = ssm_reduce.stats(self.model)
+        kept = stats["kept_positions"]
         for b in range(inps.shape[0]):
             assert set(protect[b].nonzero().flatten().tolist()) <= set(kept[b].tolist())
-        for plan in runtime.last_plans.values():  # a protected token's column holds it alone
+        for plan in latest_plans(self.model).values():  # a protected token's column holds it alone
             for b in range(inps.shape[0]):
                 for i in plan.state.protected[b].nonzero().flatten().tolist():
                     assert int((plan.slot[b] == i).sum()) == 1
         checked.append(int(protect.sum()))
-        assert runtime.last_stats["realised_flops_reduction"] > 0
+        assert stats["realised_flops_reduction"] > 0
         return logits
 
     monkeypatch.setattr(ReducedLM, "_model_call", checking_call)

@@ -5,6 +5,7 @@ import torch
 
 from ssm_reduce import ops
 from ssm_reduce.ops import reference as R
+from ssm_reduce.ops import route
 from ssm_reduce.reduce import importance_scores
 
 
@@ -72,13 +73,14 @@ def test_scan_kernel_takes_only_operands_it_reads_exactly():
     x = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16)
     dt, bc = torch.zeros(1, 4, 2, dtype=torch.bfloat16), torch.zeros(1, 4, 1, 16, dtype=torch.bfloat16)
     a, d = torch.zeros(2), torch.zeros(2)
-    fits = ops._scan_kernel_fits
-    assert fits(x, 16, (dt, bc, bc, None), (a, d, None, None))
-    assert [n for n in range(1, 300) if fits(x, n, (dt, bc, bc, None), (a, d, None, None))] == list(ops.KERNEL_DSTATES)
-    assert not fits(x, 16, (dt.float(), bc, bc, None), (a, d, None, None))
-    assert not fits(x, 16, (dt, bc, bc, torch.zeros(1, 4, 2, 8)), (a, d, None, None))
+    fits = lambda n, streamed, fixed, grid=(1, 2): route._fits_compiled(x, n, streamed, fixed, grid)  # noqa: E731
+    assert fits(16, (dt, bc, bc, None), (a, d, None, None))
+    assert [n for n in range(1, 300) if fits(n, (dt, bc, bc, None), (a, d, None, None))] == list(ops.KERNEL_DSTATES)
+    assert not fits(16, (dt.float(), bc, bc, None), (a, d, None, None))
+    assert not fits(16, (dt, bc, bc, torch.zeros(1, 4, 2, 8)), (a, d, None, None))
     meta = torch.zeros(2, device="meta")
-    assert not fits(x, 16, (dt, bc, bc, None), (meta, d, None, None))
+    assert not fits(16, (dt, bc, bc, None), (meta, d, None, None))
+    assert not fits(16, (dt, bc, bc, None), (a, d, None, None), grid=(1, route.GRID_YZ_LIMIT + 1))
 
 
 def test_kernel_bindings_on_cpu_through_a_standin_module():

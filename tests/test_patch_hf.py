@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import ssm_reduce
+from ssm_reduce.ops.route import Scan
 from ssm_reduce.patch.base import runtime_of
-from ssm_reduce.runtime import replay
+from ssm_reduce.testing import force_scan, latest_plans, replay
 
 from .conftest import (FAMILIES, assert_captured_pre_gate_y, assert_same_model, left_padded, ops_anchor_setup,
                        random_tokens, state_dict_copy)
@@ -289,12 +290,11 @@ def test_decoding_after_reduced_prefill_matches_full_forward(family, method):
         ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, output_logits=True,
         return_dict_in_generate=True, pad_token_id=0,
     )
-    runtime = runtime_of(model)
-    plans = dict(runtime.last_plans)  # decode steps never reduce, so these are the prefill's
+    plans = latest_plans(model)  # decode steps never reduce, so these are the prefill's
     assert plans, "the prefill reduced"
     full_ids = gen.sequences
     full_mask = torch.cat([mask, torch.ones(2, steps, dtype=mask.dtype)], 1)
-    with replay(runtime, plans):
+    with replay(model, plans):
         full = model(full_ids, attention_mask=full_mask)
     assert torch.equal(full.kept_positions[:, -steps:], torch.arange(36, 36 + steps).expand(2, steps))
     step_logits = torch.stack(gen.logits, 1)
@@ -396,7 +396,7 @@ def test_ops_mixer_equals_the_host_mixer(family_name):
     mixer = model.backbone.layers[1].mixer
     x, session = ops_anchor_setup()
     fn = _ops_mamba2_mixer if family_name == "mamba2" else _ops_mamba_mixer
-    torch.testing.assert_close(fn(mixer, x, None, None, session), mixer(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fn(mixer, x, None, None, session, Scan.REFERENCE), mixer(x), atol=1e-5, rtol=1e-5)
     assert_captured_pre_gate_y(session, mixer, x, family_name == "mamba2")
 
 
@@ -405,13 +405,12 @@ def test_mamba2_anchors_through_ops_equal_the_host_path():
     model = FAMILIES["mamba2"]()
     ids, mask = left_padded(2, 48, [0, 6], seed=9)
     ssm_reduce.apply(model, method="utr", keep_ratio=0.7, similarity_source="ssm")
-    runtime = runtime_of(model)
     results = []
     for use_ops in (False, True):
-        runtime.ops_mixer = use_ops
-        out = model(ids, attention_mask=mask)
-        gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
-                             output_logits=True, return_dict_in_generate=True)
+        with force_scan(model, use_ops):
+            out = model(ids, attention_mask=mask)
+            gen = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
         results.append((out, gen))
     (a, ga), (b, gb) = results
     assert torch.equal(a.kept_positions, b.kept_positions)
@@ -424,10 +423,8 @@ def test_mamba2_anchors_through_ops_equal_the_host_path():
 def test_mamba1_ssm_source_needs_the_ops_path():
     model = FAMILIES["mamba"]()
     ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
-    runtime_of(model).ops_mixer = False  # the host's Mamba-1 scan gates y inside: nothing to read
-    with pytest.raises(RuntimeError, match="'ssm' source was not captured"):
-        model(random_tokens(1, 40))
-    runtime_of(model).ops_mixer = None
+    with force_scan(model, False), pytest.raises(RuntimeError, match="'ssm' source was not captured"):
+        model(random_tokens(1, 40))  # the host's Mamba-1 scan gates y inside: nothing to read
     assert model(random_tokens(1, 40)).logits.shape[1] < 40
 @torch.no_grad()
 def test_backbone_only(family):
@@ -531,7 +528,7 @@ def test_protect_mask_errors(model):
         with ssm_reduce.protect(model, [[True]]):
             pass
     # the failed forward left nothing behind
-    assert runtime_of(model).protect_mask is None and runtime_of(model).session is None
+    assert runtime_of(model).protect_mask is None and runtime_of(model).session() is None
     with torch.no_grad():
         assert model(ids).logits.shape[1] < 40
 
@@ -611,15 +608,13 @@ def test_mamba2_ops_anchors_continue_from_a_filled_cache():
     model = FAMILIES["mamba2"]()
     ids = random_tokens(2, 60)
     ssm_reduce.apply(model, method="utr", keep_ratio=0.7, similarity_source="ssm")
-    runtime = runtime_of(model)
     results = []
     for use_ops in (False, True):
-        runtime.ops_mixer = use_ops
-        first = model(ids[:, :40], use_cache=True)
-        # (the cache's name: ``cache`` from transformers 5.25, ``cache_params`` before)
-        name = "cache" if "cache" in first else "cache_params"
-        results.append(model(ids[:, 40:], **{name: first[name]}, use_cache=True))
-    runtime.ops_mixer = None
+        with force_scan(model, use_ops):
+            first = model(ids[:, :40], use_cache=True)
+            # (the cache's name: ``cache`` from transformers 5.25, ``cache_params`` before)
+            name = "cache" if "cache" in first else "cache_params"
+            results.append(model(ids[:, 40:], **{name: first[name]}, use_cache=True))
     host, via_ops = results
     assert host.logits.shape[1] < 20 and torch.equal(host.kept_positions, via_ops.kept_positions)
     torch.testing.assert_close(via_ops.logits, host.logits, atol=1e-5, rtol=1e-5)

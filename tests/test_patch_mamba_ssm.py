@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 import ssm_reduce
+from ssm_reduce.ops.route import Scan
 from ssm_reduce.patch.base import runtime_of
+from ssm_reduce.testing import force_scan
 
 from . import mamba_ssm_cpu
 from .conftest import assert_captured_pre_gate_y, ops_anchor_setup, random_tokens, tiny_mamba, tiny_mamba2
@@ -195,7 +197,7 @@ def test_decode_steps_never_reduce(pair):
     out = ssm(ids, inference_params=params)
     assert out.kept_positions.shape == (1, 20)
     assert ssm_reduce.stats(ssm) == before
-    assert runtime_of(ssm).session is None
+    assert runtime_of(ssm).session() is None
 
 
 def test_unsupported_mixers_are_refused_before_any_change(pair):
@@ -238,7 +240,7 @@ def test_ops_anchor_mixers_compute_the_host_mixer(family_name):
     mixer = _as_mamba_ssm_mixer(model.backbone.layers[1].mixer)
     x, session = ops_anchor_setup()
     fn = _ops_mamba2 if family_name == "mamba2" else _ops_mamba1
-    torch.testing.assert_close(fn(mixer, session, x), mixer(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fn(mixer, session, x, None, Scan.REFERENCE), mixer(x), atol=1e-5, rtol=1e-5)
     y = assert_captured_pre_gate_y(session, mixer, x, family_name == "mamba2")
     assert y.shape == (2, 37, 64)
 
@@ -261,12 +263,11 @@ def test_ops_path_anchors_match_the_host_path_and_keep_instance_forwards(pair):
         return bound(*args, **kwargs)
 
     mixer.forward = wrapper
-    runtime_of(ssm).ops_mixer = True
-    forced = ssm(ids)
+    with force_scan(ssm, True):
+        forced = ssm(ids)
     assert torch.equal(forced.kept_positions, host.kept_positions)
     torch.testing.assert_close(forced.logits, host.logits, atol=1e-5, rtol=1e-5)
-    assert mixer.__dict__["forward"] is wrapper and not seen  # bypassed at the anchor, then put back
-    runtime_of(ssm).ops_mixer = None
+    assert mixer.__dict__["forward"] is wrapper and not seen  # bypassed at the anchor, and still there
     ssm_reduce.remove(ssm)
     ssm(ids)
     assert seen

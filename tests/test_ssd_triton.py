@@ -14,6 +14,7 @@ import torch
 import ssm_reduce
 from ssm_reduce import ops
 from ssm_reduce.ops import reference as R
+from ssm_reduce.ops import route
 
 from .conftest import assert_close_to_max, mamba2_scan_args, random_tokens, tiny_mamba2
 
@@ -43,7 +44,8 @@ def test_triton_backend_off_cuda_keeps_the_reference(monkeypatch):
                 B=torch.randn(2, 9, 1, 8, generator=gen), C=torch.randn(2, 9, 1, 8, generator=gen))
     for got, ref in zip(ops.scan_score_mamba2(**args), R.scan_score_mamba2(**args)):
         assert torch.equal(got, ref)
-    assert not ops.scan_kernel_serves(args["x"], 8, mamba2=True)
+    anchor = route.AnchorScan(mamba2=True, dstate=8, host_exposes_y=True)
+    assert route.anchor_scan(anchor, "cpu", needs_y=True) is route.Scan.HOST
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason=NO_TRITON)

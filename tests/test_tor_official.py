@@ -64,6 +64,11 @@ def official_reference(hidden, residual, metric, ratio):
     return h, res, kept
 
 
+def official_removals(n: int, keep_ratio: float) -> int:
+    """The official code's removals for a row of n tokens: n - ceil(n * keep_ratio), at most n // 2."""
+    return min(n - math.ceil(n * keep_ratio), n // 2)
+
+
 @pytest.mark.parametrize("n", [2, 7, 16, 33, 64])
 @pytest.mark.parametrize("clip", [True, False])
 def test_row_matches_reference(n, clip):
@@ -72,7 +77,7 @@ def test_row_matches_reference(n, clip):
     residual = torch.randn(n, 12, generator=gen)
     metric = hidden.clamp(min=0) if clip else hidden
     h_ref, r_ref, kept_ref = official_reference(hidden, residual, metric, 0.6)
-    h, res, kept, merged_into = _official_row(hidden[None], residual[None], metric[None], 0.6)
+    h, res, kept, merged_into = _official_row(hidden[None], residual[None], metric[None], official_removals(n, 0.6))
     assert kept.nonzero().flatten().tolist() == kept_ref
     torch.testing.assert_close(h[0], h_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(res[0], r_ref, rtol=1e-6, atol=1e-6)
@@ -85,7 +90,7 @@ def test_positive_metric_pools_the_oldest_tokens_into_position_one():
     # (A clipped metric is mostly zeros in the lower half, and then ties decide the order.)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, 40, 8, generator=gen)
-    _, _, kept, merged_into = _official_row(hidden, hidden.clone(), hidden.abs() + 0.01, 0.8)
+    _, _, kept, merged_into = _official_row(hidden, hidden.clone(), hidden.abs() + 0.01, official_removals(40, 0.8))
     removed = (~kept).nonzero().flatten().tolist()
     assert removed == list(range(0, 16, 2))  # r = min(40 - 32, 20) = 8
     assert set(merged_into[removed].tolist()) == {1}

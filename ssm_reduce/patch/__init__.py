@@ -71,8 +71,9 @@ def _runtime(model) -> Runtime:
 
 
 def stats(model: torch.nn.Module) -> dict:
-    """Statistics of the model's latest multi-token forward (single-token decode steps never reduce
-    and do not overwrite them).
+    """Statistics of the latest multi-token forward that the *calling thread* ran on the model
+    (single-token decode steps never reduce and do not overwrite them; other threads' forwards never
+    do).
 
     Keys: ``tokens_per_layer`` (mean real tokens entering each layer), ``realised_flops_reduction``
     (``1 - mean over layers of tokens entering / input tokens``, the target's definition),
@@ -81,7 +82,8 @@ def stats(model: torch.nn.Module) -> dict:
     ``anchors``, ``keep_ratio``, ``method``. Before any such forward the lists are empty.
     """
     runtime = _runtime(model)
-    if runtime.last_stats is None:
+    latest = runtime.latest.stats
+    if latest is None:
         return {
             "tokens_per_layer": [],
             "realised_flops_reduction": 0.0,
@@ -93,13 +95,14 @@ def stats(model: torch.nn.Module) -> dict:
             "keep_ratio": runtime.resolved.keep_ratio,
             "method": runtime.config.method,
         }
-    return dict(runtime.last_stats)
+    return dict(latest)
 
 
 @contextlib.contextmanager
 def protect(model: torch.nn.Module, mask):
     """Within the block, positions where ``mask`` (bool [B, N]) is True survive every anchor: never
-    removed, never merged into. Every multi-token forward inside must have input shape [B, N].
+    removed, never merged into. Every multi-token forward the calling thread runs inside must have input
+    shape [B, N]; other threads' forwards are not affected.
     On an unpatched (dense) model nothing is ever removed, so this only validates ``mask``.
     The one exception is ``method="tor-official"``, which reproduces the official code and, like it,
     protects nothing (the lm-eval model and ``windowed_perplexity`` refuse a batch where it removed a
@@ -118,9 +121,5 @@ def protect(model: torch.nn.Module, mask):
     if runtime is None:
         yield
         return
-    previous = runtime.protect_mask
-    runtime.protect_mask = mask
-    try:
+    with runtime.protecting(mask):
         yield
-    finally:
-        runtime.protect_mask = previous

@@ -9,13 +9,15 @@ to be imported to find its adapter.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..runtime import MATCHING_METHODS, Runtime
+from ..ops.route import Scan
+from ..runtime import Runtime
 
 RUNTIME_ATTR = "_ssm_reduce_runtime"
 HOOKS_ATTR = "_ssm_reduce_hooks"
@@ -30,7 +32,7 @@ def swap_class(module: torch.nn.Module, mixin: type, runtime: Runtime) -> None:
     key = (parent, mixin)
     if key not in _SUBCLASSES:
         attrs = {PARENT_ATTR: parent, "__qualname__": parent.__qualname__}
-        if "forward" in mixin.__dict__:
+        if isinstance(mixin.__dict__.get("forward"), types.FunctionType):
             attrs["forward"] = _forward_with_parent_signature(mixin.__dict__["forward"], parent.forward)
         _SUBCLASSES[key] = type(parent.__name__, (mixin, parent), attrs)
     module.__class__ = _SUBCLASSES[key]
@@ -71,44 +73,13 @@ def class_names(module: torch.nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__}
 
 
-def sources_to_capture(config) -> set[str]:
-    """The tensors inside the mixer (``ssm`` / ``gated``) a config reads at anchor layers."""
-    if config.method == "tor-official":  # the official metric is the mixer output itself
-        return set()
-    needed = {config.importance_source}
-    if config.method in MATCHING_METHODS:
-        needed.add(config.similarity_source)
-    needed.discard("block")
-    return needed
-
-
-def anchor_uses_ops(session, x: torch.Tensor, dstate: int, host_gates_inside: bool, mamba2: bool = False) -> bool:
-    """Whether an anchor runs its mixer through ``ssm_reduce.ops`` rather than the host's own path: as
-    ``runtime.ops_mixer`` forces, else where the compiled scan-and-score kernel serves (CUDA, an
-    instantiated state size; for Mamba-2 anchors, ``mamba2``, also the Triton scan where it is selected),
-    or where the host gates y inside its scan (no pre-gate y to read) and the session needs y."""
-    use = session.runtime.ops_mixer
-    if use is None:
-        use = ((host_gates_inside and "ssm" in sources_to_capture(session.runtime.config))
-               or ops.scan_kernel_serves(x, dstate, mamba2))
-    return bool(use)
-
-
-def anchor_host_scan(session, x: torch.Tensor, dstate: int, host_fn, mamba2: bool = False):
-    """Which scan an anchor mixer runs: None for ``ssm_reduce.ops`` (where the compiled kernel serves, or
-    for a Mamba-2 scan, ``mamba2``, the selected Triton one, or where ``runtime.ops_mixer = True`` forces it), else the host's own scan function ``host_fn``
-    (called without its gate), else None again (the torch reference) when the host has none."""
-    if session.runtime.ops_mixer or ops.scan_kernel_serves(x, dstate, mamba2):
-        return None
-    return host_fn
-
-
-def anchor_scan_mamba1(session, host_fn, u, delta, A, B, C, D, z, delta_bias):
-    """The scan of a Mamba-1 anchor mixer, (B, D, L) operands as in ``ops.scan_score_mamba1``: captures
-    y before the z gate (and its score, when the scan computes it) and returns (gated y, final state).
-    ``host_fn``: the host's selective scan to call without its gate, or None for ``ssm_reduce.ops``."""
-    config = session.runtime.config
-    if host_fn is None:
+def anchor_scan_mamba1(session, scan: Scan, host_fn, u, delta, A, B, C, D, z, delta_bias):
+    """The scan of a Mamba-1 anchor mixer on route ``scan`` (``Session.scan_route``), (B, D, L) operands as
+    in ``ops.scan_score_mamba1``: captures y before the z gate (and its score, when the scan computes it)
+    and returns (gated y, final state). ``host_fn``: the host's selective scan, called without its gate on
+    the ``host_scan`` route."""
+    config = session.resolved.config
+    if scan is not Scan.HOST_SCAN:
         need_y = config.similarity_source == "ssm"  # y itself, not only its score, is needed for matching
         y, final_state, score, _ = ops.scan_score_mamba1(
             u, delta, A, B, C, D=D, z=None if need_y else z, delta_bias=delta_bias, delta_softplus=True,
@@ -133,8 +104,9 @@ class capture_hook:
         self.runtime, self.name = runtime, name
 
     def __call__(self, module, args):
-        if self.runtime.session is not None:
-            self.runtime.session.capture(self.name, args[0])
+        session = self.runtime.session()
+        if session is not None:
+            session.capture(self.name, args[0])
 
 
 class Adapter:
@@ -188,7 +160,7 @@ class Adapter:
 
     def patch(self, model, runtime: Runtime) -> None:
         backbone = self.backbone(model)
-        needed = sources_to_capture(runtime.config)
+        needed = runtime.sources
         runtime.patched_whole_lm = backbone is not model
         if backbone is not model:
             swap_class(model, self.lm_mixin, runtime)

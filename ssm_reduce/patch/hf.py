@@ -32,9 +32,9 @@ from functools import lru_cache
 import torch
 
 from .. import ops
-
+from ..ops.route import AnchorScan
 from ..runtime import Runtime, kept_positions_for
-from .base import PARENT_ATTR, Adapter, anchor_host_scan, anchor_scan_mamba1, anchor_uses_ops, register, runtime_of
+from .base import PARENT_ATTR, Adapter, anchor_scan_mamba1, register, runtime_of
 
 _CAUSAL_LM = ("MambaForCausalLM", "Mamba2ForCausalLM")
 _BACKBONES = ("MambaModel", "Mamba2Model")
@@ -110,7 +110,7 @@ class _CausalLMMixin:
         else:
             named["labels"] = None
             out = super().forward(**named)
-        kept = _keep_columns(runtime.last_kept, logits_to_keep)
+        kept = _keep_columns(runtime.latest.kept, logits_to_keep)
         if labels is not None and runtime.resolved.anchors:
             logits = out.logits if hasattr(out, "logits") else out[0]
             loss = _next_token_loss(logits, labels, kept)
@@ -145,16 +145,12 @@ class _BackboneMixin:
             return super().forward(*args, **kwargs)
         batch, seq_len = tokens.shape[:2]
         mask = named.get("attention_mask")
-        session = runtime.start(batch, seq_len, tokens.device, mask)
-        try:
+        with runtime.forward(batch, seq_len, tokens.device, mask) as session:
             out = super().forward(*args, **kwargs)
-        except BaseException:
-            runtime.session = None
-            raise
-        runtime.last_kept = kept_positions_for(session, batch, seq_len, tokens.device, mask)
-        runtime.finish(session, runtime.last_kept)
+        kept = kept_positions_for(session, batch, seq_len, tokens.device, mask)
+        runtime.record(session, kept)
         if not isinstance(out, tuple):
-            out["kept_positions"] = runtime.last_kept
+            out["kept_positions"] = kept
         return out
 
 
@@ -181,7 +177,7 @@ def _previous_recurrent_state(cache, layer: int):
     return None
 
 
-def _ops_mamba2_mixer(mixer, hidden_states, cache, attention_mask, session):
+def _ops_mamba2_mixer(mixer, hidden_states, cache, attention_mask, session, scan):
     """transformers' Mamba2Mixer forward (prefill form) with the scan through ``ops.scan_score_mamba2``:
     the fused kernel on CUDA returns the token scores with y. Caches are updated as the host does."""
     host = sys.modules[type(mixer).__module__]
@@ -215,10 +211,10 @@ def _host_selective_scan(host, hidden_states):
     return getattr(host, "mamba_selective_scan", None) if hidden_states.is_cuda else None
 
 
-def _ops_mamba_mixer(mixer, hidden_states, cache, attention_mask, session):
+def _ops_mamba_mixer(mixer, hidden_states, cache, attention_mask, session, scan):
     """transformers' MambaMixer forward (prefill form) with the scan through ``ops.scan_score_mamba1``
-    (or, on CUDA without the compiled kernels, the host's scan without its gate), which exposes the scan
-    output y before the z gate (the host's mixer gates inside its scan)."""
+    (or, on the ``host_scan`` route, the host's scan without its gate), which exposes the scan output y
+    before the z gate (the host's mixer gates inside its scan)."""
     host = sys.modules[type(mixer).__module__]
     dtype = hidden_states.dtype
     projected = mixer.in_proj(host.apply_mask_to_padding_states(hidden_states, attention_mask)).transpose(1, 2)
@@ -229,8 +225,7 @@ def _ops_mamba_mixer(mixer, hidden_states, cache, attention_mask, session):
     )
     time_step = mixer.dt_proj.weight @ time_step.transpose(1, 2)
     xbc = xbc.transpose(1, 2)
-    host_fn = anchor_host_scan(session, xbc, mixer.ssm_state_size, _host_selective_scan(host, hidden_states))
-    y, final_state = anchor_scan_mamba1(session, host_fn, xbc, time_step, -torch.exp(mixer.A_log.float()),
+    y, final_state = anchor_scan_mamba1(session, scan, _host_selective_scan(host, hidden_states), xbc, time_step, -torch.exp(mixer.A_log.float()),
                                         b.transpose(1, 2), c.transpose(1, 2), mixer.D.float(), gate,
                                         mixer.dt_proj.bias)
     if cache is not None:
@@ -241,14 +236,14 @@ def _ops_mamba_mixer(mixer, hidden_states, cache, attention_mask, session):
 class _BlockMixin:
     # Mamba-2 blocks forward their extra keyword arguments to the mixer, Mamba-1 blocks do not.
     _ssm_reduce_mixer_kwargs = True
-    # Anchors scan through ssm_reduce.ops where the kernels run; Mamba-1 anchors also whenever y is
-    # needed, since only that path exposes y before the gate.
     _ssm_reduce_ops_mixer = staticmethod(_ops_mamba2_mixer)
-    _ssm_reduce_gates_inside = False  # the host's scan gates y (no pre-gate y to read)
-    _ssm_reduce_mamba2 = True
+
+    def _ssm_reduce_anchor(self, hidden_states) -> AnchorScan:
+        # Mamba-2: y enters the gated RMSNorm, where a hook reads it
+        return AnchorScan(mamba2=True, dstate=self.mixer.ssm_state_size, host_exposes_y=True)
 
     def forward(self, hidden_states, *args, **kwargs):
-        session = runtime_of(self).session
+        session = runtime_of(self).session()
         if session is None:
             return super().forward(hidden_states, *args, **kwargs)
         # (transformers passes everything but hidden_states by keyword: no signature binding in the
@@ -264,9 +259,9 @@ class _BlockMixin:
         hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
-        if anchor_uses_ops(session, hidden_states, self.mixer.ssm_state_size, self._ssm_reduce_gates_inside,
-                           self._ssm_reduce_mamba2):
-            hidden_states = self._ssm_reduce_ops_mixer(self.mixer, hidden_states, cache, attention_mask, session)
+        scan = session.scan_route(self._ssm_reduce_anchor(hidden_states), hidden_states.device)
+        if scan.through_ops:
+            hidden_states = self._ssm_reduce_ops_mixer(self.mixer, hidden_states, cache, attention_mask, session, scan)
         else:
             mixer_kwargs = named if self._ssm_reduce_mixer_kwargs else {}
             hidden_states = self.mixer(hidden_states, **{_cache_argument(type(self.mixer)): cache},
@@ -278,8 +273,12 @@ class _BlockMixin:
 class _MambaBlockMixin(_BlockMixin):
     _ssm_reduce_mixer_kwargs = False
     _ssm_reduce_ops_mixer = staticmethod(_ops_mamba_mixer)
-    _ssm_reduce_gates_inside = True
-    _ssm_reduce_mamba2 = False
+
+    def _ssm_reduce_anchor(self, hidden_states) -> AnchorScan:
+        # Mamba-1: the host's scan gates y inside (no pre-gate y to read); its scan function can run ungated
+        host = sys.modules[type(self.mixer).__module__]
+        return AnchorScan(mamba2=False, dstate=self.mixer.ssm_state_size, host_exposes_y=False,
+                          host_scan=_host_selective_scan(host, hidden_states))
 
 
 class TransformersAdapter(Adapter):

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.route import AnchorScan, Scan
 from ..runtime import Runtime, kept_positions_for
-from .base import Adapter, anchor_host_scan, anchor_scan_mamba1, anchor_uses_ops, class_names, register, runtime_of
+from .base import Adapter, anchor_scan_mamba1, class_names, register, restore_class, runtime_of, swap_class
 
 ReducedLMOutput = namedtuple("ReducedLMOutput", ["logits", "kept_positions"])
 # Mixer classes the adapter supports (mamba_ssm.modules: Mamba-1, Mamba-2).
@@ -59,9 +60,9 @@ class _LMHeadMixin:
     def forward(self, input_ids, position_ids=None, inference_params=None, num_last_tokens=0, **mixer_kwargs):
         out = super().forward(input_ids, position_ids=position_ids, inference_params=inference_params,
                               num_last_tokens=num_last_tokens, **mixer_kwargs)
-        runtime: Runtime = runtime_of(self)
+        kept = runtime_of(self).latest.kept
         last = int(num_last_tokens)  # (the host slices only when it is positive; a 0-d tensor counts)
-        kept = runtime.last_kept if last <= 0 else runtime.last_kept[:, -last:]
+        kept = kept if last <= 0 else kept[:, -last:]
         return ReducedLMOutput(logits=out.logits, kept_positions=kept)
 
 
@@ -75,14 +76,9 @@ class _MixerModelMixin:
                 f"{packed[0]}: packed variable-length sequences are not supported with token reduction (merges "
                 "would cross document boundaries); pass one sequence per row, or ssm_reduce.remove(model) first"
             )
-        session = None if _is_decode(inference_params) else runtime.start(batch, seq_len, input_ids.device, None)
-        try:
+        with runtime.forward(batch, seq_len, input_ids.device, None, reduce=not _is_decode(inference_params)) as session:
             out = super().forward(input_ids, inference_params=inference_params, **mixer_kwargs)
-        except BaseException:
-            runtime.session = None
-            raise
-        runtime.last_kept = kept_positions_for(session, batch, seq_len, input_ids.device, None)
-        runtime.finish(session, runtime.last_kept)
+        runtime.record(session, kept_positions_for(session, batch, seq_len, input_ids.device, None))
         return out
 
 
@@ -94,17 +90,29 @@ def _conv(mixer, x, seqlen):
     return mixer.act(mixer.conv1d(x)[..., :seqlen])
 
 
-def _host_scan(mixer, session, x, name):
-    """The host module's scan function ``name`` for this anchor (``anchor_host_scan``): mamba_ssm's own
-    kernels where ssm_reduce's do not serve, rather than the step-by-step torch reference."""
-    return anchor_host_scan(session, x, mixer.d_state, getattr(sys.modules[type(mixer).__module__], name, None),
-                            mamba2=name == "mamba_chunk_scan_combined")
+def _host_scan(mixer):
+    """The host module's scan function that runs without the gate (None when it has none)."""
+    name = "mamba_chunk_scan_combined" if _is_mamba2(mixer) else "selective_scan_fn"
+    return getattr(sys.modules[type(mixer).__module__], name, None)
 
 
-def _ops_mamba2(mixer, session, u, inference_params=None):
-    """mamba_ssm ``Mamba2.forward`` (prefill form) with the scan through ``ops.scan_score_mamba2`` (or the
-    host's scan without its gate, where the compiled kernel does not serve); y is captured before the
-    gate."""
+def _is_mamba2(mixer) -> bool:
+    return "Mamba2" in class_names(mixer)
+
+
+def _anchor(mixer, mixer_kwargs) -> AnchorScan:
+    """What the scan route needs to know of an anchor mixer. Mamba-2 with its gated norm shows y at the
+    norm's input; Mamba-1 and norm-less Mamba-2 gate y inside. Extra mixer arguments and tensor
+    parallelism (Mamba-2 ``process_group``) keep the host's path."""
+    mamba2 = _is_mamba2(mixer)
+    parallel = mamba2 and getattr(mixer, "process_group", None) is not None
+    return AnchorScan(mamba2=mamba2, dstate=mixer.d_state, host_exposes_y=mamba2 and getattr(mixer, "rmsnorm", True),
+                      host_scan=_host_scan(mixer), replaceable=not mixer_kwargs and not parallel)
+
+
+def _ops_mamba2(mixer, session, u, inference_params, scan: Scan):
+    """mamba_ssm ``Mamba2.forward`` (prefill form) with the scan through ``ops.scan_score_mamba2`` (or, on
+    the ``host_scan`` route, the host's scan without its gate); y is captured before the gate."""
     batch, seqlen, _ = u.shape
     conv_state = ssm_state = None
     if inference_params is not None:
@@ -123,15 +131,14 @@ def _ops_mamba2(mixer, session, u, inference_params=None):
     b, c = b.reshape(batch, seqlen, mixer.ngroups, -1), c.reshape(batch, seqlen, mixer.ngroups, -1)
     A = -torch.exp(mixer.A_log.float())
     per_channel_d = getattr(mixer, "D_has_hdim", False)  # D (H * P): added here, not by the scan
-    host_scan = _host_scan(mixer, session, x, "mamba_chunk_scan_combined")
     score = None
-    if host_scan is None:
+    if scan is not Scan.HOST_SCAN:
         y, final_state, score, _ = ops.scan_score_mamba2(
             x, dt, A, b, c, D=None if per_channel_d else mixer.D, dt_bias=mixer.dt_bias, dt_softplus=True,
             dt_min=float(mixer.dt_limit[0]), dt_max=float(mixer.dt_limit[1]), metric=metric,
         )
     else:  # no compiled kernel here: the host's own scan without its gate (y is scored by the session)
-        y, final_state = host_scan(x, dt, A, b, c, chunk_size=mixer.chunk_size, D=None if per_channel_d else mixer.D,
+        y, final_state = _host_scan(mixer)(x, dt, A, b, c, chunk_size=mixer.chunk_size, D=None if per_channel_d else mixer.D,
                                    dt_bias=mixer.dt_bias, dt_softplus=True, dt_limit=tuple(mixer.dt_limit),
                                    return_final_states=True)
     if per_channel_d:
@@ -148,10 +155,10 @@ def _ops_mamba2(mixer, session, u, inference_params=None):
     return mixer.out_proj(y.to(u.dtype))
 
 
-def _ops_mamba1(mixer, session, u, inference_params=None):
-    """mamba_ssm ``Mamba.forward`` (prefill form) with the scan through ``ops.scan_score_mamba1`` (or the
-    host's ``selective_scan_fn`` without its gate, where the compiled kernel does not serve), which
-    exposes y before the z gate."""
+def _ops_mamba1(mixer, session, u, inference_params, scan: Scan):
+    """mamba_ssm ``Mamba.forward`` (prefill form) with the scan through ``ops.scan_score_mamba1`` (or, on
+    the ``host_scan`` route, the host's ``selective_scan_fn`` without its gate), which exposes y before
+    the z gate."""
     batch, seqlen, _ = u.shape
     conv_state = ssm_state = None
     if inference_params is not None:
@@ -162,7 +169,7 @@ def _ops_mamba1(mixer, session, u, inference_params=None):
     x = _conv(mixer, x, seqlen)
     dt, b, c = torch.split(mixer.x_proj(x.transpose(1, 2)), [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
     y, final_state = anchor_scan_mamba1(
-        session, _host_scan(mixer, session, x, "selective_scan_fn"), x, mixer.dt_proj.weight @ dt.transpose(1, 2),
+        session, scan, _host_scan(mixer), x, mixer.dt_proj.weight @ dt.transpose(1, 2),
         -torch.exp(mixer.A_log.float()), b.transpose(1, 2), c.transpose(1, 2), mixer.D.float(), z,
         None if mixer.dt_proj.bias is None else mixer.dt_proj.bias.float(),
     )
@@ -171,47 +178,70 @@ def _ops_mamba1(mixer, session, u, inference_params=None):
     return mixer.out_proj(y.transpose(1, 2).to(u.dtype))
 
 
-def _ops_mixer_for(mixer, session, hidden_states):
-    """The ops-path replacement for this anchor's mixer call, or None to run the host's own path."""
-    mamba2 = "Mamba2" in class_names(mixer)
-    gates_inside = not mamba2 or not getattr(mixer, "rmsnorm", True)  # no gated norm to read y at
-    if not anchor_uses_ops(session, hidden_states, mixer.d_state, gates_inside, mamba2):
-        return None
-    if mamba2 and getattr(mixer, "process_group", None) is not None:
-        return None  # tensor parallelism: the host's unfused path
-    return _ops_mamba2 if mamba2 else _ops_mamba1
+class _MixerMixin:
+    """Anchor mixers: for the forward of the thread whose block at this anchor asked for it, the mixer call
+    takes the route of that forward (``ssm_reduce.ops``, or the host's unfused path); every other call,
+    and every instance-level ``forward`` someone installs (an accelerate hook), is the host's. Nothing on
+    the module changes per call, so concurrent forwards do not see each other's routes."""
+
+    def _ssm_reduce_route(self):
+        session = runtime_of(self).session()
+        return None if session is None else session.mixer_routes.get(id(self))
+
+    @property
+    def forward(self):
+        route = self._ssm_reduce_route()
+        if route is not None and route[0].through_ops:
+            scan, session = route
+            ops_mixer = _ops_mamba2 if _is_mamba2(self) else _ops_mamba1
+            return lambda u, inference_params=None: ops_mixer(self, session, u, inference_params, scan)
+        instance = self.__dict__.get("forward")
+        return instance if instance is not None else super().forward
+
+    @forward.setter
+    def forward(self, value):
+        self.__dict__["forward"] = value
+
+    @forward.deleter
+    def forward(self):
+        if self.__dict__.pop("forward", None) is None:
+            raise AttributeError("forward")
+
+
+def _fast_path_flag(name: str) -> property:
+    """A mixer flag that selects its fused fast path, off for the call of an anchor on the host's route
+    (the fused kernels hide y)."""
+
+    def get(self):
+        if name not in self.__dict__:
+            raise AttributeError(name)
+        route = self._ssm_reduce_route()
+        return False if route is not None and not route[0].through_ops else self.__dict__[name]
+
+    def put(self, value):
+        self.__dict__[name] = value
+
+    return property(get, put)
+
+
+for _flag in _FAST_PATH_FLAGS:
+    setattr(_MixerMixin, _flag, _fast_path_flag(_flag))
 
 
 class _BlockMixin:
     def forward(self, hidden_states, residual=None, inference_params=None, **mixer_kwargs):
-        session = runtime_of(self).session
+        session = runtime_of(self).session()
         if session is None or self.layer_idx not in session.anchors or not session.reduces_at(self.layer_idx):
             return super().forward(hidden_states, residual, inference_params=inference_params, **mixer_kwargs)
         mixer = self.mixer
-        ops_mixer = None if mixer_kwargs else _ops_mixer_for(mixer, session, hidden_states)
-        if ops_mixer is not None:
-            # the block's add + norm run as the host wrote them; only the mixer call is replaced
-            # (an instance-level forward someone installed, e.g. an accelerate hook, is put back after)
-            previous = mixer.__dict__.get("forward")
-            mixer.forward = lambda u, inference_params=None: ops_mixer(mixer, session, u, inference_params)
-            try:
-                hidden_states, residual = super().forward(hidden_states, residual, inference_params=inference_params)
-            finally:
-                if previous is None:
-                    del mixer.forward
-                else:
-                    mixer.forward = previous
-            return _reduce_unpadded(session, self.layer_idx, hidden_states, residual)
-        flags = {name: getattr(mixer, name) for name in _FAST_PATH_FLAGS if hasattr(mixer, name)}
-        for name in flags:
-            setattr(mixer, name, False)
+        # the block's add + norm run as the host wrote them; only the mixer call takes the anchor's route
+        session.mixer_routes[id(mixer)] = (session.scan_route(_anchor(mixer, mixer_kwargs), hidden_states.device),
+                                           session)
         try:
-            hidden_states, residual = super().forward(
-                hidden_states, residual, inference_params=inference_params, **mixer_kwargs
-            )
+            hidden_states, residual = super().forward(hidden_states, residual, inference_params=inference_params,
+                                                      **mixer_kwargs)
         finally:
-            for name, value in flags.items():
-                setattr(mixer, name, value)
+            session.mixer_routes.pop(id(mixer), None)
         return _reduce_unpadded(session, self.layer_idx, hidden_states, residual)
 
 
@@ -251,6 +281,17 @@ class MambaSsmAdapter(Adapter):
 
     def block_mixin(self, model) -> type:
         return _BlockMixin
+
+    def patch(self, model, runtime: Runtime) -> None:
+        super().patch(model, runtime)
+        for block in self.backbone(model).layers:
+            if block.layer_idx in runtime.resolved.anchors:
+                swap_class(block.mixer, _MixerMixin, runtime)
+
+    def unpatch(self, model) -> None:
+        for block in self.backbone(model).layers:
+            restore_class(block.mixer)
+        super().unpatch(model)
 
     def ssm_source(self, mixer):
         # Mamba-2 (unfused path): y enters the gated RMSNorm. Mamba-1 and norm-less Mamba-2 anchors run
