@@ -8,10 +8,11 @@
     ssm_reduce.prune(model, calib, sparsity=0.5, method="mrp")   # one-shot weight pruning
 """
 
-from .config import METHODS, ReduceConfig, default_schedule, flops_reduction_for, solve_keep_ratio
+from .config import ReduceConfig, default_schedule, flops_reduction_for, solve_keep_ratio
+from .methods import METHODS
 from .embedded import embedded_model_path
 from .loading import load_model, save_model
-from .patch import apply, is_patched, protect, remove, stats, supported_hosts
+from .patch import apply, is_patched, protect, remove, scan_routes, stats, supported_hosts
 from . import prune  # noqa: E402  (callable: ssm_reduce.prune(model, calib, ...))
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "prune",
     "remove",
     "save_model",
+    "scan_routes",
     "solve_keep_ratio",
     "stats",
     "supported_hosts",

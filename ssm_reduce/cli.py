@@ -223,6 +223,17 @@ def cmd_info(args) -> int:
     except FileNotFoundError as err:
         print(f"embedded model: missing ({err})")
     print(f"methods: {', '.join(ssm_reduce.METHODS)}")
+    if args.model is None:
+        print("scan routes: pass --model (and --method, --device) to see which scan each anchor runs")
+        return 0
+    from .ops.route import DESCRIPTIONS
+
+    model, _ = _load(args.model, args.device, args.dtype)
+    ssm_reduce.apply(model, method=args.method, flops_reduction=args.flops_reduction)
+    print(f"scan routes of {args.model} on {args.device}, {args.dtype}, method {args.method} "
+          f"(flops_reduction={args.flops_reduction}):")
+    for layer, scan in ssm_reduce.scan_routes(model).items():
+        print(f"  layer {layer}: {scan.value} - {DESCRIPTIONS[scan]}")
     return 0
 
 
@@ -279,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--batch-size", type=_at_least(1), default=8)
     ppl.set_defaults(func=cmd_ppl)
     prune = sub.add_parser("prune", help="one-shot weight pruning (magnitude, wanda, sparsegpt, mrp)")
-    _model_options(prune, ("magnitude", "wanda", "sparsegpt", "mrp"), "mrp", reduction=False)
+    _model_options(prune, ssm_reduce.prune.METHODS, "mrp", reduction=False)
     target = prune.add_mutually_exclusive_group(required=True)
     target.add_argument("--sparsity", type=float, help="unstructured fraction of each row, in [0, 1)")
     target.add_argument("--pattern", help="N:M, e.g. 2:4")
@@ -288,12 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seqlen", type=_at_least(2), default=2048)
     prune.add_argument("--batch-size", type=_at_least(1), default=8)
     prune.add_argument("--swap-rounds", type=int, default=1,
-                       help="mrp: swap rounds per layer after the exact solve (0 = none: 16-27%% less time on the benchmarked layers that keep them, higher error on those)")
+                       help="mrp: at most this many swap rounds per layer after the exact solve (0 = none: faster, "
+                            "higher error)")
     prune.add_argument("--out", default=None, help="directory for the pruned model (save_pretrained) and report")
     prune.set_defaults(func=cmd_prune)
     sub.add_parser("eval", help="lm-eval with the ssm_reduce model registered (all lm-eval flags pass through)")
-    info = sub.add_parser("info", help="versions, devices, kernels, supported models")
-    info.set_defaults(func=cmd_info)
+    info = sub.add_parser("info", help="versions, devices, kernels, supported models; with --model, each anchor's scan")
+    _model_options(info, ssm_reduce.METHODS, "utr", reduction=True)
+    info.set_defaults(model=None, func=cmd_info)
     return parser
 
 

@@ -9,11 +9,12 @@ from typing import Optional
 import torch
 
 from ..config import ReduceConfig
+from ..ops import route
 from ..runtime import Runtime
 from . import hf, mamba_ssm  # noqa: F401  (register the transformers and mamba_ssm adapters)
 from .base import adapter_for, runtime_of, supported_hosts
 
-__all__ = ["apply", "remove", "stats", "protect", "is_patched", "supported_hosts"]
+__all__ = ["apply", "remove", "stats", "protect", "is_patched", "scan_routes", "supported_hosts"]
 
 logger = logging.getLogger("ssm_reduce")
 
@@ -68,6 +69,20 @@ def _runtime(model) -> Runtime:
     if runtime is None:
         raise ValueError("this model is not patched; call ssm_reduce.apply(model, ...) first")
     return runtime
+
+
+def scan_routes(model: torch.nn.Module) -> dict[int, route.Scan]:
+    """The scan each anchor of a patched model runs in a forward where it removes tokens, on the device of
+    its weights and with the environment as it is now (``ssm_reduce.ops.route.anchor_scan``), by layer."""
+    adapter = adapter_for(model)
+    runtime = _runtime(model)
+    routes = {}
+    for block in adapter.backbone(model).layers:
+        if block.layer_idx in runtime.resolved.anchors:
+            device = next(block.parameters()).device
+            routes[block.layer_idx] = route.anchor_scan(adapter.anchor_scan(block, device), device,
+                                                        "ssm" in runtime.sources)
+    return routes
 
 
 def stats(model: torch.nn.Module) -> dict:

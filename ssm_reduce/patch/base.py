@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.route import Scan
+from ..ops.route import AnchorScan, Scan
 from ..runtime import Runtime
 
 RUNTIME_ATTR = "_ssm_reduce_runtime"
@@ -135,6 +135,10 @@ class Adapter:
         raise NotImplementedError
 
     def block_mixin(self, model) -> type:
+        raise NotImplementedError
+
+    def anchor_scan(self, block: torch.nn.Module, device) -> AnchorScan:
+        """What the scan route needs to know of a patched anchor ``block`` whose input is on ``device``."""
         raise NotImplementedError
 
     def ssm_source(self, mixer: torch.nn.Module) -> Optional[torch.nn.Module]:

@@ -17,6 +17,7 @@ Importance sources inside the mixer (anchor layers only):
   inside, so Mamba-1 anchors that need y run the mixer through ``ssm_reduce.ops.scan_score_mamba1``,
   which returns y before the gate and its scores. Where the compiled kernels run (CUDA), every anchor
   mixer takes that path (``scan_score_mamba2`` for Mamba-2): the score comes out of the scan itself.
+  ``ssm_reduce.ops.route.anchor_scan`` makes that choice; the blocks describe their anchor and follow it.
 * ``gated``: the input of ``out_proj``.  ``block``: the mixer output.
 
 An anchor that removes nothing in a forward (too few candidates) runs the host's block unchanged.
@@ -298,6 +299,9 @@ class TransformersAdapter(Adapter):
     def block_mixin(self, model) -> type:
         mamba2 = type(model.config).__name__ == "Mamba2Config"
         return _BlockMixin if mamba2 else _MambaBlockMixin
+
+    def anchor_scan(self, block, device) -> AnchorScan:
+        return block._ssm_reduce_anchor(torch.empty(0, device=device))
 
     def ssm_source(self, mixer):
         # Mamba-2: y enters the gated RMSNorm. Mamba-1 anchors scan through ssm_reduce.ops, which

@@ -23,11 +23,13 @@ plan and handed on, exactly where the transformers adapter reduces inside its bl
   ``ops.KERNEL_DSTATES``), and wherever the host has no pre-gate y to read: Mamba-1 (its scan gates y
   inside, and its fast path also fuses out_proj) and Mamba-2 without the gated norm
   (``rmsnorm=False``); where the compiled kernel does not serve, those mixers call the host's own
-  scan function without its gate and gate y themselves. The block's own add + norm always run as the
-  host wrote them; only the mixer call is replaced (an instance-level ``forward`` installed on the
-  mixer, e.g. by an accelerate hook, is bypassed for that call and put back after), and the
-  generation cache (conv and SSM states in ``inference_params``) is filled exactly as the host
-  mixer fills it. Per-channel D (``D_has_hdim``) is added outside the scan.
+  scan function without its gate and gate y themselves (``ssm_reduce.ops.route.anchor_scan`` decides).
+  The block's own add + norm always run as the host wrote them; only the mixer call takes the route:
+  anchor mixers' classes are swapped for one whose ``forward`` and fast-path flags are properties that
+  answer the calling forward's route (an instance-level ``forward``, e.g. an accelerate hook, is
+  bypassed for that call only), so no module attribute changes while a forward runs. The generation
+  cache (conv and SSM states in ``inference_params``) is filled exactly as the host mixer fills it.
+  Per-channel D (``D_has_hdim``) is added outside the scan.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops.route import AnchorScan, Scan
 from ..runtime import Runtime, kept_positions_for
-from .base import Adapter, anchor_scan_mamba1, class_names, register, restore_class, runtime_of, swap_class
+from .base import PARENT_ATTR, Adapter, anchor_scan_mamba1, class_names, register, restore_class, runtime_of, swap_class
 
 ReducedLMOutput = namedtuple("ReducedLMOutput", ["logits", "kept_positions"])
 # Mixer classes the adapter supports (mamba_ssm.modules: Mamba-1, Mamba-2).
@@ -84,7 +86,7 @@ class _MixerModelMixin:
 
 def _conv(mixer, x, seqlen):
     """The host mixer's causal conv + activation of (B, C, L) ``x`` (its own kernel when it has one)."""
-    fn = getattr(sys.modules[type(mixer).__module__], "causal_conv1d_fn", None)
+    fn = getattr(_host_module(mixer), "causal_conv1d_fn", None)
     if fn is not None and mixer.activation in ("silu", "swish"):
         return fn(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, activation=mixer.activation)
     return mixer.act(mixer.conv1d(x)[..., :seqlen])
@@ -93,7 +95,12 @@ def _conv(mixer, x, seqlen):
 def _host_scan(mixer):
     """The host module's scan function that runs without the gate (None when it has none)."""
     name = "mamba_chunk_scan_combined" if _is_mamba2(mixer) else "selective_scan_fn"
-    return getattr(sys.modules[type(mixer).__module__], name, None)
+    return getattr(_host_module(mixer), name, None)
+
+
+def _host_module(mixer):
+    """The module that defines the host's mixer class (anchor mixers' classes are swapped)."""
+    return sys.modules[getattr(type(mixer), PARENT_ATTR, type(mixer)).__module__]
 
 
 def _is_mamba2(mixer) -> bool:
@@ -292,6 +299,9 @@ class MambaSsmAdapter(Adapter):
         for block in self.backbone(model).layers:
             restore_class(block.mixer)
         super().unpatch(model)
+
+    def anchor_scan(self, block, device) -> AnchorScan:
+        return _anchor(block.mixer, {})
 
     def ssm_source(self, mixer):
         # Mamba-2 (unfused path): y enters the gated RMSNorm. Mamba-1 and norm-less Mamba-2 anchors run
