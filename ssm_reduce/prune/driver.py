@@ -9,7 +9,6 @@ never pruned.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
@@ -20,7 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..loading import check_device
+from .capture import block_outputs, capture_inputs, fill_slots
+from .settings import MRPSettings, resolve
 from .solvers import check_options, check_swap_rounds, check_target, prune_linear
+from .workspace import Workspace
 
 logger = logging.getLogger("ssm_reduce.prune")
 
@@ -92,10 +94,6 @@ class PruneReport:
             lines.append(f"{l.name:<{width}}  {shape:>12}  {l.sparsity:>8.4f}  {l.relative_error:>10.4g}  {l.seconds:>7.2f}  {note}")
         lines += [f"skipped: {name}" for name in self.skipped]
         return "\n".join(lines)
-
-
-class _Captured(Exception):
-    """Raised to stop a capture forward once the blocks it records have been called."""
 
 
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -208,187 +206,9 @@ def calibration_tokens(calib, tokenizer, nsamples: int, seqlen: int, seed: int) 
     return torch.stack([calib[s : s + seqlen] for s in starts.tolist()])
 
 
-class _Slot:
-    """In a block's recorded arguments: output ``index`` of the block before it."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int):
-        self.index = index
-
-
-def _outputs(output) -> tuple:
-    """A block's output as a tuple (a tensor, or the tuple some blocks return: ``(hidden, residual)``)."""
-    return tuple(output) if isinstance(output, (tuple, list)) else (output,)
-
-
-def _map(obj, leaf):
-    """``obj`` with every tensor or ``_Slot`` ``x`` in its tuples, lists and dicts replaced by ``leaf(x)``."""
-    if isinstance(obj, (torch.Tensor, _Slot)):
-        return leaf(obj)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map(o, leaf) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _map(v, leaf) for k, v in obj.items()}
-    return obj
-
-
-def _to(obj, device, memo: Optional[dict] = None):
-    """``obj``'s tensors on ``device``; a tensor met again (one mask shared by many blocks) is moved once."""
-    memo = {} if memo is None else memo
-
-    def move(t):
-        if isinstance(t, _Slot):
-            return t
-        if id(t) not in memo:
-            memo[id(t)] = (t, t.to(device))  # (the source is held, so that its id stays its own)
-        return memo[id(t)][1]
-    return _map(obj, move)
-
-
-def _fill(call, outputs: tuple):
-    """A recorded ``(args, kwargs)`` with its ``_Slot``s replaced by the previous block's ``outputs``."""
-    return _map(call, lambda t: outputs[t.index] if isinstance(t, _Slot) else t)
-
-
-def _call_model(model, batch):
-    """One forward of ``model`` on token ids; ``use_cache=False`` where its forward names that option."""
-    try:
-        takes_cache = "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        takes_cache = False
-    return model(batch, use_cache=False) if takes_cache else model(batch)
-
-
-def _capture_inputs(model, blocks, tokens, batch_size, device):
-    """What the model calls each block with, per calibration batch: a list over batches of lists over
-    blocks of ``(args, kwargs)``, on ``device``. Block 0's are its real inputs; a later block's hold a
-    ``_Slot`` where the previous block's outputs go (its hidden states, and the residual of blocks that
-    return ``(hidden, residual)``) and, for everything else, what the model made for that block:
-    attention masks differ per layer in models mixing sliding-window, full-attention and recurrent
-    layers, and some models give each layer inputs of its own.
-
-    Three passes, in which no block computes anything but block 0 once: (1) a forward of the first batch
-    up to block 0; (2) block 0 on it, for the structure of a block's output; (3) forwards of every batch
-    in which every block is a stand-in that records its arguments and returns placeholders of that
-    structure, which the next block's arguments hold by identity. (A model of one block: pass 1 only.)"""
-    model_device = next(model.parameters()).device
-    batches = list(tokens.split(batch_size))
-    first = _first_block_inputs(model, blocks, batches if len(blocks) == 1 else batches[:1], model_device)
-    memo: dict = {}  # (a tensor that several calls share is moved once)
-    if len(blocks) == 1:
-        return [[_to(call, device, memo)] for call in first]
-    home = next(blocks[0].parameters()).device
-    blocks[0].to(device)
-    try:
-        args, kwargs = _to(first[0], device)
-        output = blocks[0](*args, **kwargs)
-        structure, bare = _outputs(output), not isinstance(output, (tuple, list))
-    finally:
-        blocks[0].to(home)
-    del first, args, kwargs, output
-    if not isinstance(structure[0], torch.Tensor):
-        raise TypeError(f"{type(blocks[0]).__name__} returned {type(structure[0]).__name__} first; prune "
-                        "replays blocks that return their hidden states (or a tuple that starts with them)")
-    captured = _record_blocks(model, blocks, batches, structure, bare, model_device)
-    return [[_to(call, device, memo) for call in calls] for calls in captured]
-
-
-def _first_block_inputs(model, blocks, batches, model_device) -> list:
-    """Pass (1) of ``_capture_inputs``: block 0's ``(args, kwargs)`` for each batch, from forwards that
-    stop there."""
-    captured: list = []
-
-    def stop(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Captured
-
-    handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        for batch in batches:
-            try:
-                _call_model(model, batch.to(model_device))
-            except _Captured:
-                pass
-    except IndexError as err:  # (a learned position embedding shorter than the windows, typically)
-        config = getattr(model, "config", None)
-        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        raise ValueError(
-            f"the model failed on calibration windows of {batches[0].shape[1]} tokens (IndexError: {err})"
-            + (f"; it takes at most {limit} positions: lower seqlen" if limit else "")
-        ) from err
-    finally:
-        handle.remove()
-    if len(captured) != len(batches):
-        raise RuntimeError(f"the model's forward did not call its first block ({len(captured)} of {len(batches)} "
-                           "calibration batches reached it)")
-    return captured
-
-
-def _record_blocks(model, blocks, batches, structure, bare, model_device) -> list:
-    """Pass (3) of ``_capture_inputs``: per batch, the recorded arguments of every block. The stand-ins
-    return a tensor where block 0 did (``bare``), else a tuple (a 1-tuple too)."""
-    captured: list = [[] for _ in batches]
-    last = len(blocks) - 1
-    saved = {i: block.__dict__["forward"] for i, block in enumerate(blocks) if "forward" in block.__dict__}
-    state: dict = {}
-
-    def stand_in(index):
-        def forward(*args, **kwargs):
-            markers, ids = state["markers"], state["ids"]
-            if index:
-                found = set()
-
-                def slot(t):
-                    if isinstance(t, torch.Tensor) and id(t) in ids:
-                        found.add(ids[id(t)])
-                        return _Slot(ids[id(t)])
-                    return t
-                call = _map((args, kwargs), slot)
-                if 0 not in found:
-                    raise TypeError(
-                        f"{type(model).__name__} does not pass block {index - 1}'s output to block {index} as it "
-                        "is (it changes the hidden states between blocks); prune cannot replay it block by block"
-                    )
-            else:
-                call = (args, kwargs)
-            state["calls"].append(call)
-            if index == last:
-                raise _Captured
-            return markers[0] if bare else markers
-        return forward
-
-    try:
-        for i, block in enumerate(blocks):
-            block.forward = stand_in(i)
-        for b, batch in enumerate(batches):
-            # placeholders shaped like this batch's outputs (block 0's on the first batch otherwise)
-            state["markers"] = tuple(
-                torch.empty((batch.shape[0],) + t.shape[1:], dtype=t.dtype, device=model_device)
-                if isinstance(t, torch.Tensor) else t for t in structure)
-            state["ids"] = {id(t): j for j, t in enumerate(state["markers"]) if isinstance(t, torch.Tensor)}
-            state["calls"] = captured[b]
-            try:
-                _call_model(model, batch.to(model_device))
-            except _Captured:
-                pass
-            if len(captured[b]) != len(blocks):
-                raise RuntimeError(f"the model's forward called {len(captured[b])} of its {len(blocks)} blocks")
-    finally:
-        for i, block in enumerate(blocks):
-            if i in saved:
-                block.forward = saved[i]
-            else:
-                block.__dict__.pop("forward", None)
-    return captured
-
-
-# Device types whose Hessian products X^T X run in float32 (full float32, TF32 off), summed in float64:
-# consumer and inference GPUs (GeForce, L4, A10, ...) multiply float64 matrices at 1/64 of their float32
-# rate, and a mamba2-2.7b block's Hessians on 128 x 2048 calibration tokens are ~17 TFLOP; one batch's
-# float32 Gram matrix is accurate to about sqrt(tokens) float32 roundings (SparseGPT's reference code
-# keeps the whole sum in float32). On CPUs the products stay float64: there the block's forwards
-# dominate the run.
+# Device types whose Hessian products X^T X run in full float32 (TF32 off), summed in float64: most GPUs
+# multiply float64 matrices far slower, and one batch's float32 Gram matrix is accurate to about
+# sqrt(tokens) float32 roundings. On CPUs the products stay float64.
 GRAM_FLOAT32_DEVICES = ("cuda",)
 
 
@@ -444,6 +264,7 @@ def prune_model(
     blocksize: int = 128,
     damp: float = 0.01,
     swap_rounds: int = 1,
+    settings: Optional[MRPSettings] = None,
     seed: int = 0,
     progress: bool = True,
 ) -> PruneReport:
@@ -452,16 +273,17 @@ def prune_model(
     Args:
         calib: token ids ([n, L] windows or a 1-D stream) or text(s) with ``tokenizer``.
         sparsity / pattern: exactly one: unstructured fraction per row in [0, 1), or ``"N:M"``.
-        method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``mrp`` (see ``ssm_reduce.prune.solvers``).
+        method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``mrp`` (``prune_linear``).
         filter_fn: ``filter_fn(module, name) -> bool`` over the modules inside each block (default:
             every Linear: Mamba-2 in_proj/out_proj, Mamba-1 also x_proj/dt_proj, all Linears of a
             transformer decoder layer).
         nsamples, seqlen: calibration windows and their length (a cap for 2-D ``calib``).
         device: where each block is processed (default: the model's device); the model stays put.
         blocksize, damp: lazy-block width and Hessian damping (fraction of its mean diagonal).
-        swap_rounds: ``mrp`` only: at most this many swap rounds per layer, where a trial on 32 rows finds
-            that they lower its error (0 = none: 17-23% less solve time on the benchmarked layers that keep
-            them, for a higher error there; see ``eval/bench_prune.py``).
+        swap_rounds: ``mrp`` only: at most this many swap rounds per layer, where its swap trial finds
+            that they lower the layer's error (0 = none).
+        settings: the solvers' tolerances and tuning knobs (``MRPSettings``; None: the defaults), passed
+            to every ``prune_linear`` call.
     Every block is replayed with the arguments the model itself gives it (its own attention mask, say),
     and with the outputs of the pruned block before it. Everything is validated before the first weight
     changes; an error in the middle of the run names the layer and says how many were already pruned
@@ -471,6 +293,7 @@ def prune_model(
     nm = check_target(sparsity, pattern, method)
     check_swap_rounds(swap_rounds)
     check_options(blocksize, damp)
+    settings = resolve(settings)
     check_batch_size(batch_size)
     device = check_device(device) if device is not None else next(model.parameters()).device
     if device.type == "meta":
@@ -524,16 +347,16 @@ def prune_model(
     model.eval()
     done = 0  # Linears pruned so far (for the message of an error in the middle of the run)
     try:
-        calls = _capture_inputs(model, blocks, tokens, batch_size, device)
+        calls = capture_inputs(model, blocks, tokens, batch_size, device)
         outputs = None  # per batch, the outputs of the block before (block 0's inputs are recorded as they are)
         # mrp's scratch buffers, kept from layer to layer of the same shape on a CPU (CUDA's caching
         # allocator already reuses memory); dropped when the run ends
-        workspace = {} if method == "mrp" and device.type == "cpu" else None
+        workspace = Workspace() if method == "mrp" and device.type == "cpu" else None
         bar = tqdm(range(len(blocks)), desc=f"pruning {method}", disable=not progress)
         for i in bar:
             block = blocks[i]
             home = next(block.parameters()).device
-            inputs = [batch[i] if outputs is None else _fill(batch[i], outputs[b]) for b, batch in enumerate(calls)]
+            inputs = [batch[i] if outputs is None else fill_slots(batch[i], outputs[b]) for b, batch in enumerate(calls)]
             block.to(device)
             hooks, handles = {}, []
             try:
@@ -553,7 +376,8 @@ def prune_model(
                     try:
                         new, _, stats = prune_linear(
                             weight, hooks[name].h, sparsity=sparsity, pattern=pattern, method=method,
-                            blocksize=blocksize, damp=damp, swap_rounds=swap_rounds, workspace=workspace,
+                            blocksize=blocksize, damp=damp, swap_rounds=swap_rounds, settings=settings,
+                            workspace=workspace,
                         )
                     except (ValueError, RuntimeError) as err:
                         raise type(err)(f"{blocks_name}.{i}.{name}: {err}") from err
@@ -567,7 +391,7 @@ def prune_model(
                     ))
                     if stats.cholesky_retries:
                         logger.warning("%s: %s", name, "; ".join(stats.notes))
-                outputs = [_outputs(block(*args, **kwargs)) for args, kwargs in inputs]
+                outputs = [block_outputs(block(*args, **kwargs)) for args, kwargs in inputs]
             except BaseException:
                 for handle in handles:
                     handle.remove()
