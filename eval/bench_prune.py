@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 
-from ssm_reduce.prune import METHODS, prune_linear  # noqa: E402
+from ssm_reduce.prune import METHODS, Workspace, prune_linear  # noqa: E402
 from ssm_reduce.prune.driver import _HessianHook, calibration_tokens  # noqa: E402
 from ssm_reduce.shapes import PUBLIC_SHAPES  # noqa: E402
 
@@ -109,7 +109,7 @@ def time_methods(shapes, targets, repeats, device, inputs=("spread",), weight_dt
                     # round robin: every repeat runs each variant once, so drifts of a shared machine hit
                     # all of them alike; ratios are medians of the per-round ratios
                     runs = {variant: [] for variant in VARIANTS}
-                    spaces = {variant: {} if kwargs["method"] == "mrp" and w.device.type == "cpu" else None
+                    spaces = {variant: Workspace() if kwargs["method"] == "mrp" and w.device.type == "cpu" else None
                               for variant, kwargs in VARIANTS.items()}
                     for _ in range(repeats):
                         for variant, kwargs in VARIANTS.items():

@@ -2,7 +2,7 @@
 
 The exact solve stops once every row's kept residual r_K satisfies ``|r_K| / floor <= tol |x|``
 (``floor``: a verified lower bound on lambda_min(H)), which proves ``|x - x*| <= tol |x*|``
-(``WEIGHT_TOL`` = 5e-5 for float32 weights). Per layer, at 50% with the sweep's mask (no swap rounds):
+(``MRPSettings.weight_tol`` = 5e-5 for float32 weights). Per layer, at 50% with the sweep's mask (no swap rounds):
 
 * ``true``: the relative error of the returned kept weights against an independent float64 solve
   (every ``--row-step``-th row), median and max over those rows;
@@ -11,7 +11,7 @@ The exact solve stops once every row's kept residual r_K satisfies ``|r_K| / flo
 * ``floor_ratio``: lambda_min(H_KK) / floor on those rows (how much of the slack the floor explains).
 
 Time (random layers of the mamba2-130m in_proj shape, ``prune_linear(method="mrp")`` with its defaults,
-``--repeats`` interleaved rounds): median seconds with ``WEIGHT_TOL`` at each of ``--tols``, and the
+``--repeats`` interleaved rounds): median seconds with ``weight_tol`` at each of ``--tols``, and the
 ratio to the default's. Layers: random spread / correlated ones (``bench_prune.random_layer``) and the
 embedded model's in_proj / out_proj (real calibration Hessians; error columns only).
 
@@ -32,15 +32,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 from bench_prune import embedded_hessians, random_layer  # noqa: E402
 
-from ssm_reduce.prune import prune_linear, solvers  # noqa: E402
+from ssm_reduce.prune import MRPSettings, SolveStats, Workspace, prune_linear  # noqa: E402
+from ssm_reduce.prune.linalg import eig_floor, inverse_upper  # noqa: E402
+
+DEFAULT_TOL = MRPSettings().weight_tol
 
 
 @torch.no_grad()
 def slack(weight, hessian, row_step):
     """The columns of one row of the table (module docstring) for a swap-free 50% mrp run."""
-    stats = solvers.SolveStats("mrp", 0.0, 0.0, 0.0, 0.01)
-    h, hinv, _ = solvers._inverse_upper(hessian, 0.01, stats)
-    floor = solvers._eig_floor(h, hinv, 0.9 * float((torch.diag(h) - torch.diag(hessian).double()).min()))
+    stats = SolveStats("mrp", 0.0, 0.0, 0.0, 0.01)
+    h, hinv, _ = inverse_upper(hessian, 0.01, stats, MRPSettings().max_pivot_ratio)
+    floor = eig_floor(h, hinv, 0.9 * float((torch.diag(h) - torch.diag(hessian).double()).min()))
     new, mask, _ = prune_linear(weight, hessian, method="mrp", sparsity=0.5, swap_rounds=0)
     x, w = new.double(), weight.double()
     rows = torch.arange(0, w.shape[0], row_step)
@@ -69,38 +72,34 @@ def slack(weight, hessian, row_step):
 
 
 def time_tolerances(weight, hessian, tols, repeats):
-    """Median seconds of prune_linear(method="mrp", sparsity=0.5) with WEIGHT_TOL at each of ``tols``,
-    interleaved rounds, a shared workspace (as ``prune`` keeps on a CPU); the default restored after."""
-    default = solvers.WEIGHT_TOL
+    """Median seconds of prune_linear(method="mrp", sparsity=0.5) with ``weight_tol`` at each of ``tols``,
+    interleaved rounds, a shared workspace (as ``prune`` keeps on a CPU)."""
     runs = {tol: [] for tol in tols}
     errors = {}
-    workspace = {}
-    try:
-        for round_ in range(repeats + 1):
-            for tol in tols:
-                solvers.WEIGHT_TOL = tol
-                start = time.perf_counter()
-                _, _, stats = prune_linear(weight, hessian, method="mrp", sparsity=0.5, workspace=workspace)
-                if round_:  # the first round warms the workspace up
-                    runs[tol].append(time.perf_counter() - start)
-                errors[tol] = stats.relative_error
-    finally:
-        solvers.WEIGHT_TOL = default
+    workspace = Workspace()
+    for round_ in range(repeats + 1):
+        for tol in tols:
+            start = time.perf_counter()
+            _, _, stats = prune_linear(weight, hessian, method="mrp", sparsity=0.5, workspace=workspace,
+                                       settings=MRPSettings(weight_tol=tol))
+            if round_:  # the first round warms the workspace up
+                runs[tol].append(time.perf_counter() - start)
+            errors[tol] = stats.relative_error
     seconds = {tol: harness.median(v) for tol, v in runs.items()}
-    return [{"weight_tol": tol, "seconds": seconds[tol], "over_default": seconds[tol] / seconds[default],
+    return [{"weight_tol": tol, "seconds": seconds[tol], "over_default": seconds[tol] / seconds[DEFAULT_TOL],
              "relative_error": errors[tol]} for tol in tols]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--row-step", type=int, default=200, help="check every this-many-th row of a random layer")
-    p.add_argument("--tols", nargs="+", type=float, default=[solvers.WEIGHT_TOL, 3e-4, 1e-3])
+    p.add_argument("--tols", nargs="+", type=float, default=[DEFAULT_TOL, 3e-4, 1e-3])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layers", nargs="+", type=int, default=[0, 6, 11], help="embedded-model blocks")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    if solvers.WEIGHT_TOL not in args.tols:
-        p.error(f"--tols must include the default WEIGHT_TOL {solvers.WEIGHT_TOL} (the ratios' reference)")
+    if DEFAULT_TOL not in args.tols:
+        p.error(f"--tols must include the default weight_tol {DEFAULT_TOL} (the ratios' reference)")
     harness.set_threads()
     rows = []
     for kind in ("spread", "correlated"):

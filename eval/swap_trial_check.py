@@ -1,6 +1,6 @@
 """How well a few rows predict whether mrp's swap rounds lower a layer's error (its swap trial).
 
-mrp decides per layer, on ``SWAP_TRIAL_ROWS`` rows spread over the weight, whether to run its swap
+mrp decides per layer, on ``MRPSettings.swap_trial_rows`` rows spread over the weight, whether to run its swap
 rounds: they lower the damped loss every solve minimises, but where the damping dominates it they can
 raise the undamped error the report shows. Per layer and target, this prunes every row with and without
 swap rounds (``swap_rounds=1`` / ``0``, the trial switched off), takes the per-row undamped losses
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 from bench_prune import embedded_hessians, layer_shapes, random_layer  # noqa: E402
 
-from ssm_reduce.prune import prune_linear, solvers  # noqa: E402
+from ssm_reduce.prune import MRPSettings, prune_linear  # noqa: E402
 
 TARGETS = {"50%": dict(sparsity=0.5), "2:4": dict(pattern="2:4")}
 
@@ -41,7 +41,7 @@ def row_losses(new, w, h):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=solvers.SWAP_TRIAL_ROWS, help="trial rows")
+    p.add_argument("--rows", type=int, default=MRPSettings().swap_trial_rows, help="trial rows")
     p.add_argument("--placements", type=int, default=16, help="offsets of the evenly spread rows")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -51,12 +51,12 @@ def main(argv=None):
         for proj, (out, inp) in layer_shapes("mamba2-130m").items():
             layers[f"mamba2-130m {proj} ({inputs} inputs)"] = random_layer(out, inp, 4 * inp, "cpu", inputs=inputs)
     layers.update(embedded_hessians([0, 6, 11], 32, 512))
-    solvers.SWAP_TRIAL_ROWS = 0  # both variants on every row
+    no_trial = MRPSettings(swap_trial_rows=0)  # both variants on every row
     rows_out = []
     for name, (w, h) in layers.items():
         for label, target in TARGETS.items():
-            swapped = row_losses(prune_linear(w, h, method="mrp", **target)[0], w, h)
-            plain = row_losses(prune_linear(w, h, method="mrp", swap_rounds=0, **target)[0], w, h)
+            swapped = row_losses(prune_linear(w, h, method="mrp", settings=no_trial, **target)[0], w, h)
+            plain = row_losses(prune_linear(w, h, method="mrp", swap_rounds=0, settings=no_trial, **target)[0], w, h)
             full = float(swapped.sum() / plain.sum())
             count, trials = min(w.shape[0], args.rows), []
             for k in range(args.placements):
