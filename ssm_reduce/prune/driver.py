@@ -4,7 +4,8 @@ For every block (a Mamba / Mamba-2 block, or a decoder layer of any transformers
 its inputs, accumulate the Hessian ``H = 2 X X^T / n`` of each target Linear with forward hooks, prune
 each target with ``prune_linear``, recompute the block's outputs with the pruned weights and feed them
 to the next block. Only one block sits on the compute device at a time; embeddings and the LM head are
-never pruned.
+never pruned. The layer-wise setting of Zhao et al., "Pruning Foundation Models for High Accuracy without
+Retraining" (EMNLP 2024 Findings, Sec. 3), as SparseGPT's sequential driver runs it.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ def exact_solve(
     with ``residual_tol``); with ``return_bound`` too: ``(x, x H, losses, lower)``, per row the loss
     ``(x - w) H (x - w)^T`` (an upper bound on the optimum's) and a lower bound on the optimum's.
     ``work``: scratch buffers (default: none kept); ``out``: two float64 (out, in) arrays for x and x H
-    (returned; neither may be ``start``)."""
+    (returned; neither may be ``start``); ``settings``: the tolerances and knobs (``MRPSettings``, None: the
+    defaults)."""
     settings = resolve(settings)
     work = NO_REUSE if work is None else work
     tol = settings.weight_tol if tol is None else tol
