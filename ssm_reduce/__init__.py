@@ -12,7 +12,7 @@ from .config import ReduceConfig, default_schedule, flops_reduction_for, solve_k
 from .methods import METHODS
 from .embedded import embedded_model_path
 from .loading import load_model, save_model
-from .patch import apply, is_patched, protect, remove, scan_routes, stats, supported_hosts
+from .patch import apply, check, is_patched, protect, remove, scan_routes, stats, supported_hosts
 from . import prune  # noqa: E402  (callable: ssm_reduce.prune(model, calib, ...))
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "METHODS",
     "ReduceConfig",
     "apply",
+    "check",
     "default_schedule",
     "embedded_model_path",
     "flops_reduction_for",

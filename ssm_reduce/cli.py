@@ -128,6 +128,9 @@ def cmd_ppl(args) -> int:
 
     config = ssm_reduce.ReduceConfig(method=args.method, flops_reduction=args.flops_reduction)
     model, tokenizer = _load(args.model, args.device, args.dtype)
+    ssm_reduce.patch.check(model, config)  # before the text is read and the dense pass runs
+    if args.scored >= args.window:
+        raise ValueError(f"--scored must be below --window, got --scored {args.scored} and --window {args.window}")
     if args.text_file:
         ids = tokenizer(open(args.text_file, encoding="utf-8").read()).input_ids
         source = args.text_file

@@ -9,12 +9,13 @@ and ``flops_reduction = 1 - that mean``. A reduction at anchor ``l`` happens aft
 from __future__ import annotations
 
 import logging
-import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence
 
 logger = logging.getLogger("ssm_reduce")
 
+from . import validation
 from .methods import METHODS, get as get_method
 
 IMPORTANCE_METRICS = ("clip", "l1", "l2", "mean")
@@ -81,24 +82,19 @@ def solve_keep_ratio(target: float, anchors: Sequence[int], num_layers: int) -> 
     return 0.5 * (lo + hi)
 
 
-def _check_fraction(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+def _fraction(name: str, value, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    value = validation.real(name, value)
     bad_low = value <= low if low_open else value < low
     bad_high = value >= high if high_open else value > high
     if bad_low or bad_high:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value
 
 
 def _check_choice(name: str, value, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -145,14 +141,14 @@ class ReduceConfig:
         _check_choice("method", self.method, METHODS)
         if self.layers is not None:
             layers = self.layers
-            if isinstance(layers, int) and not isinstance(layers, bool):
+            if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
                 layers = (layers,)
             if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
                 raise ValueError(f"layers must be a list of layer indices or None, got {self.layers!r}")
-            layers = tuple(layers)
-            for layer in layers:
-                if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                    raise ValueError(f"layers must hold non-negative integers, got {self.layers!r}")
+            try:
+                layers = tuple(validation.integer("layers", layer, 0) for layer in layers)
+            except ValueError:
+                raise ValueError(f"layers must hold non-negative integers, got {self.layers!r}") from None
             if len(set(layers)) != len(layers):
                 raise ValueError(f"layers must not repeat an index, got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(layers)))
@@ -160,22 +156,23 @@ class ReduceConfig:
             raise ValueError(
                 f"set only one of keep_ratio ({self.keep_ratio}) and flops_reduction ({self.flops_reduction})"
             )
-        if self.keep_ratio is not None:
-            _check_fraction("keep_ratio", self.keep_ratio, 0.0, 1.0, low_open=True, high_open=False)
-        if self.flops_reduction is not None:
-            _check_fraction("flops_reduction", self.flops_reduction, 0.0, 1.0, low_open=False, high_open=True)
-        _check_fraction("q_hidden", self.q_hidden, 0.0, 1.0, low_open=False, high_open=False)
-        _check_fraction("q_residual", self.q_residual, 0.0, 1.0, low_open=False, high_open=False)
+        numbers_in = {
+            "keep_ratio": (0.0, 1.0, True, False),
+            "flops_reduction": (0.0, 1.0, False, True),
+            "q_hidden": (0.0, 1.0, False, False),
+            "q_residual": (0.0, 1.0, False, False),
+        }
+        for name, bounds in numbers_in.items():
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _fraction(name, getattr(self, name), *bounds))
         _check_choice("importance", self.importance, IMPORTANCE_METRICS)
         _check_choice("importance_source", self.importance_source, SOURCES)
         _check_choice("similarity_source", self.similarity_source, SOURCES)
-        if self.protect_last is not None:
-            _check_int("protect_last", self.protect_last, 0)
-        _check_int("protect_first", self.protect_first, 0)
+        for name in ("protect_last", "protect_first", "seed"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, validation.integer(name, getattr(self, name), 0))
         for name in ("causal", "size_weighted"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        _check_int("seed", self.seed, 0)
+            object.__setattr__(self, name, validation.boolean(name, getattr(self, name)))
 
     @property
     def enabled(self) -> bool:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ReduceConfig
-from .patch import apply, is_patched, protect, remove, stats
+from .patch import apply, check, is_patched, protect, remove, stats
 
 
 def windows_of(tokens: torch.Tensor, window: int, stride: Optional[int] = None, max_windows: Optional[int] = None):
@@ -90,7 +90,10 @@ def windowed_perplexity(
 
 
 def compare_perplexity(model, tokens: torch.Tensor, config: ReduceConfig, **kwargs) -> dict:
-    """Dense and reduced windowed perplexity on the same windows; the model ends unpatched."""
+    """Dense and reduced windowed perplexity on the same windows; the model ends unpatched. The reduction
+    and the windows are validated before the dense pass."""
+    check(model, config)
+    windows_of(tokens, kwargs.get("window", 1024), kwargs.get("stride"), kwargs.get("max_windows"))
     remove(model)
     dense = windowed_perplexity(model, tokens, **kwargs)
     apply(model, config)

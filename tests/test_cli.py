@@ -136,7 +136,9 @@ def test_ppl_joins_the_files_with_the_tokenizer_end_of_text(monkeypatch, capsys)
                "realised_flops_reduction": 0.0}
         return {"dense": row, "reduced": row}
 
-    monkeypatch.setattr(cli, "_load", lambda *args: (None, Tokenizer()))
+    from .conftest import tiny_mamba2
+
+    monkeypatch.setattr(cli, "_load", lambda *args: (tiny_mamba2(), Tokenizer()))
     monkeypatch.setattr(ssm_reduce.evaluation, "compare_perplexity", compare)
     assert cli.main(["ppl", "--windows", "1"]) == 0
     ids = seen["ids"].tolist()

@@ -213,7 +213,8 @@ def test_a_row_of_padding_only_changes_no_other_row(family):
 @torch.no_grad()
 def test_logits_to_keep_as_a_tensor_slices_like_transformers(model):
     """``logits_to_keep`` as 1-D indices or a 1-D boolean mask selects columns, as transformers does
-    (``hidden_states[:, keep]``), unpatched and patched, with and without reduction."""
+    (``hidden_states[:, keep]``), unpatched and patched without reduction; while reducing, indices select
+    columns of the reduced output (boolean masks: ``test_boolean_logits_to_keep_selects_original_positions``)."""
     ids = random_tokens(2, 40)
     columns = torch.tensor([0, 5, 39])
     flags = torch.zeros(40, dtype=torch.bool)
@@ -230,12 +231,9 @@ def test_logits_to_keep_as_a_tensor_slices_like_transformers(model):
     full = model(ids)
     n = full.logits.shape[1]
     columns = torch.tensor([0, n // 2, n - 1])
-    flags = torch.zeros(n, dtype=torch.bool)
-    flags[columns] = True
-    for keep in (columns, flags):
-        out = model(ids, logits_to_keep=keep)
-        assert torch.equal(out.kept_positions, full.kept_positions[:, columns])
-        torch.testing.assert_close(out.logits, full.logits[:, columns])
+    out = model(ids, logits_to_keep=columns)
+    assert torch.equal(out.kept_positions, full.kept_positions[:, columns])
+    torch.testing.assert_close(out.logits, full.logits[:, columns])
 
 
 def test_a_model_and_its_backbone_are_not_patched_separately(family):

@@ -8,13 +8,13 @@ from typing import Optional
 
 import torch
 
-from ..config import ReduceConfig
+from ..config import ReduceConfig, ResolvedConfig
 from ..ops import route
 from ..runtime import Runtime
 from . import hf, mamba_ssm  # noqa: F401  (register the transformers and mamba_ssm adapters)
-from .base import adapter_for, runtime_of, supported_hosts
+from .base import adapter_for, host_class, runtime_of, supported_hosts
 
-__all__ = ["apply", "remove", "stats", "protect", "is_patched", "scan_routes", "supported_hosts"]
+__all__ = ["apply", "check", "remove", "stats", "protect", "is_patched", "scan_routes", "supported_hosts"]
 
 logger = logging.getLogger("ssm_reduce")
 
@@ -27,17 +27,10 @@ def apply(model: torch.nn.Module, config: Optional[ReduceConfig] = None, **overr
     previous patch (idempotent). Everything is validated before the model is touched: on an error the
     model is left exactly as it was.
     """
+    resolved = check(model, config, **overrides)
     adapter = adapter_for(model)
-    if config is None:
-        config = ReduceConfig()
-    elif not isinstance(config, ReduceConfig):
-        raise TypeError(f"config must be a ssm_reduce.ReduceConfig or None, got {type(config).__name__}")
-    if overrides:
-        config = config.with_overrides(**overrides)
-    adapter.check(model)
-    adapter.check_ownership(model)
-    resolved = config.resolve(adapter.num_layers(model), adapter.conv_kernel(model))
-    if runtime_of(model) is not None:
+    config = resolved.config
+    if _touched(model):
         adapter.unpatch(model)
     adapter.patch(model, Runtime(resolved))
     if resolved.anchors:
@@ -50,13 +43,33 @@ def apply(model: torch.nn.Module, config: Optional[ReduceConfig] = None, **overr
     return model
 
 
+def check(model: torch.nn.Module, config: Optional[ReduceConfig] = None, **overrides) -> ResolvedConfig:
+    """Everything ``apply(model, config, **overrides)`` validates, without touching the model: raises what
+    ``apply`` would raise, else returns the config bound to the model (anchors, keep ratio, protection)."""
+    adapter = adapter_for(model)
+    if config is None:
+        config = ReduceConfig()
+    elif not isinstance(config, ReduceConfig):
+        raise TypeError(f"config must be a ssm_reduce.ReduceConfig or None, got {type(config).__name__}")
+    if overrides:
+        config = config.with_overrides(**overrides)
+    adapter.check(model)
+    adapter.check_ownership(model)
+    return config.resolve(adapter.num_layers(model), adapter.conv_kernel(model))
+
+
 def remove(model: torch.nn.Module) -> torch.nn.Module:
     """Undo ``apply``: the model behaves exactly as before it was patched. A no-op if it is not patched."""
     adapter = adapter_for(model)
     adapter.check_ownership(model)
-    if runtime_of(model) is not None:
+    if _touched(model):
         adapter.unpatch(model)
     return model
+
+
+def _touched(model: torch.nn.Module) -> bool:
+    """Patched, or an instance of a patched class (``type(patched)(config)``), whose class ``remove`` restores."""
+    return runtime_of(model) is not None or host_class(model) is not type(model)
 
 
 def is_patched(model: torch.nn.Module) -> bool:

@@ -8,6 +8,8 @@ to be imported to find its adapter.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import types
 from typing import Optional
@@ -27,16 +29,33 @@ _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
 def swap_class(module: torch.nn.Module, mixin: type, runtime: Runtime) -> None:
-    """Make ``module`` an instance of ``mixin`` + its class, sharing ``runtime``."""
-    parent = type(module)
+    """Make ``module`` an instance of ``mixin`` + its host class, sharing ``runtime``."""
+    parent = host_class(module)
     key = (parent, mixin)
     if key not in _SUBCLASSES:
-        attrs = {PARENT_ATTR: parent, "__qualname__": parent.__qualname__}
+        attrs = {PARENT_ATTR: parent, "__qualname__": parent.__qualname__, "__reduce_ex__": _refuse_pickling,
+                 "__deepcopy__": _deepcopy}
         if isinstance(mixin.__dict__.get("forward"), types.FunctionType):
             attrs["forward"] = _forward_with_parent_signature(mixin.__dict__["forward"], parent.forward)
         _SUBCLASSES[key] = type(parent.__name__, (mixin, parent), attrs)
     module.__class__ = _SUBCLASSES[key]
     setattr(module, RUNTIME_ATTR, runtime)
+
+
+def _refuse_pickling(self, protocol):
+    raise TypeError(
+        f"a {type(self).__name__} patched by ssm_reduce cannot be pickled (torch.save(model) pickles the module "
+        "object, and the patch is not part of it): save its weights with model.save_pretrained(dir) or "
+        "torch.save(model.state_dict(), path), or call ssm_reduce.remove(model) first"
+    )
+
+
+def _deepcopy(self, memo):
+    """``copy.deepcopy`` as for any module (pickling is refused, and deepcopy would otherwise go through it)."""
+    twin = type(self).__new__(type(self))
+    memo[id(self)] = twin
+    twin.__setstate__(copy.deepcopy(self.__dict__, memo))
+    return twin
 
 
 def _forward_with_parent_signature(mixin_forward, parent_forward):
@@ -69,6 +88,18 @@ def runtime_of(module: torch.nn.Module) -> Optional[Runtime]:
     return module.__dict__.get(RUNTIME_ATTR)
 
 
+def session_of(module: torch.nn.Module):
+    """The session of the forward running in this thread through ``module``'s patch; None outside one, or
+    for an instance of a patched class that is not patched itself (built by ``type(model)(config)``)."""
+    runtime = module.__dict__.get(RUNTIME_ATTR)
+    return None if runtime is None else runtime.session()
+
+
+def host_class(module: torch.nn.Module) -> type:
+    """The host's class of ``module``, whether or not its class is one ``swap_class`` made."""
+    return type(module).__dict__.get(PARENT_ATTR, type(module))
+
+
 def class_names(module: torch.nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__}
 
@@ -96,6 +127,50 @@ def anchor_scan_mamba1(session, scan: Scan, host_fn, u, delta, A, B, C, D, z, de
     return y, final_state
 
 
+class RoutedMixerMixin:
+    """Anchor mixers. For the forward whose block at this anchor asked for a route through ``ssm_reduce.ops``
+    (``Session.mixer_routes``), the mixer's call runs ``_ssm_reduce_ops_call``; every other call, and every
+    instance-level ``forward`` someone installs (an accelerate hook), is the host's. The module's own hooks
+    fire either way, and nothing on the module changes per call, so concurrent forwards do not see each
+    other's routes."""
+
+    def _ssm_reduce_route(self):
+        """(scan, session) of this thread's forward at this mixer, or None."""
+        session = session_of(self)
+        return None if session is None else session.mixer_routes.get(id(self))
+
+    def _ssm_reduce_ops_call(self, session, scan: Scan):
+        """The callable that replaces ``forward`` for this call (adapters define it)."""
+        raise NotImplementedError
+
+    @property
+    def forward(self):
+        route = self._ssm_reduce_route()
+        if route is not None and route[0].through_ops:
+            return self._ssm_reduce_ops_call(route[1], route[0])
+        instance = self.__dict__.get("forward")
+        return instance if instance is not None else super().forward
+
+    @forward.setter
+    def forward(self, value):
+        self.__dict__["forward"] = value
+
+    @forward.deleter
+    def forward(self):
+        if self.__dict__.pop("forward", None) is None:
+            raise AttributeError("forward")
+
+
+@contextlib.contextmanager
+def mixer_route(session, mixer: torch.nn.Module, scan: Scan):
+    """Within the block, this forward's calls of ``mixer`` take route ``scan``."""
+    session.mixer_routes[id(mixer)] = (scan, session)
+    try:
+        yield
+    finally:
+        session.mixer_routes.pop(id(mixer), None)
+
+
 class capture_hook:
     """A forward pre-hook that hands its module's first input to the open session as ``name``. An object,
     not a closure: ``copy.deepcopy`` of a patched model then gives the copy's hooks the copy's runtime."""
@@ -117,6 +192,7 @@ class Adapter:
     supported: tuple[str, ...] = ()
     lm_mixin: type = object
     backbone_mixin: type = object
+    mixer_mixin: type = RoutedMixerMixin
 
     def matches(self, model: torch.nn.Module) -> bool:
         return bool(class_names(model) & set(self.supported))
@@ -176,6 +252,7 @@ class Adapter:
             swap_class(block, block_mixin, runtime)
             if block.layer_idx not in runtime.resolved.anchors:
                 continue
+            swap_class(block.mixer, self.mixer_mixin, runtime)
             for source in sorted(needed):
                 target = self.ssm_source(block.mixer) if source == "ssm" else block.mixer.out_proj
                 if target is not None:  # None: the adapter captures y itself
@@ -184,6 +261,7 @@ class Adapter:
     def unpatch(self, model) -> None:
         backbone = self.backbone(model)
         for block in backbone.layers:
+            restore_class(block.mixer)
             restore_class(block)
         restore_class(backbone)
         if backbone is not model:

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops.route import AnchorScan, Scan
 from ..runtime import Runtime, kept_positions_for
-from .base import PARENT_ATTR, Adapter, anchor_scan_mamba1, class_names, register, restore_class, runtime_of, swap_class
+from .base import (Adapter, RoutedMixerMixin, anchor_scan_mamba1, class_names, host_class, mixer_route, register,
+                   runtime_of, session_of)
 
 ReducedLMOutput = namedtuple("ReducedLMOutput", ["logits", "kept_positions"])
 # Mixer classes the adapter supports (mamba_ssm.modules: Mamba-1, Mamba-2).
@@ -62,7 +63,10 @@ class _LMHeadMixin:
     def forward(self, input_ids, position_ids=None, inference_params=None, num_last_tokens=0, **mixer_kwargs):
         out = super().forward(input_ids, position_ids=position_ids, inference_params=inference_params,
                               num_last_tokens=num_last_tokens, **mixer_kwargs)
-        kept = runtime_of(self).latest.kept
+        runtime = runtime_of(self)
+        if runtime is None:  # an unpatched instance of a patched class
+            return out
+        kept = runtime.latest.kept
         last = int(num_last_tokens)  # (the host slices only when it is positive; a 0-d tensor counts)
         kept = kept if last <= 0 else kept[:, -last:]
         return ReducedLMOutput(logits=out.logits, kept_positions=kept)
@@ -71,6 +75,8 @@ class _LMHeadMixin:
 class _MixerModelMixin:
     def forward(self, input_ids, inference_params=None, **mixer_kwargs):
         runtime: Runtime = runtime_of(self)
+        if runtime is None:  # an unpatched instance of a patched class
+            return super().forward(input_ids, inference_params=inference_params, **mixer_kwargs)
         batch, seq_len = input_ids.shape[:2]
         packed = [name for name in _PACKED if mixer_kwargs.get(name) is not None]
         if packed and runtime.resolved.anchors and seq_len > 1 and not _is_decode(inference_params):
@@ -100,7 +106,7 @@ def _host_scan(mixer):
 
 def _host_module(mixer):
     """The module that defines the host's mixer class (anchor mixers' classes are swapped)."""
-    return sys.modules[getattr(type(mixer), PARENT_ATTR, type(mixer)).__module__]
+    return sys.modules[host_class(mixer).__module__]
 
 
 def _is_mamba2(mixer) -> bool:
@@ -185,34 +191,13 @@ def _ops_mamba1(mixer, session, u, inference_params, scan: Scan):
     return mixer.out_proj(y.transpose(1, 2).to(u.dtype))
 
 
-class _MixerMixin:
-    """Anchor mixers: for the forward of the thread whose block at this anchor asked for it, the mixer call
-    takes the route of that forward (``ssm_reduce.ops``, or the host's unfused path); every other call,
-    and every instance-level ``forward`` someone installs (an accelerate hook), is the host's. Nothing on
-    the module changes per call, so concurrent forwards do not see each other's routes."""
+class _MixerMixin(RoutedMixerMixin):
+    """mamba_ssm anchor mixers: the ops route as ``_ops_mamba2`` / ``_ops_mamba1``; on the host's route the
+    fast-path flags read False for that call (the fused kernels hide y)."""
 
-    def _ssm_reduce_route(self):
-        session = runtime_of(self).session()
-        return None if session is None else session.mixer_routes.get(id(self))
-
-    @property
-    def forward(self):
-        route = self._ssm_reduce_route()
-        if route is not None and route[0].through_ops:
-            scan, session = route
-            ops_mixer = _ops_mamba2 if _is_mamba2(self) else _ops_mamba1
-            return lambda u, inference_params=None: ops_mixer(self, session, u, inference_params, scan)
-        instance = self.__dict__.get("forward")
-        return instance if instance is not None else super().forward
-
-    @forward.setter
-    def forward(self, value):
-        self.__dict__["forward"] = value
-
-    @forward.deleter
-    def forward(self):
-        if self.__dict__.pop("forward", None) is None:
-            raise AttributeError("forward")
+    def _ssm_reduce_ops_call(self, session, scan: Scan):
+        ops_mixer = _ops_mamba2 if _is_mamba2(self) else _ops_mamba1
+        return lambda u, inference_params=None: ops_mixer(self, session, u, inference_params, scan)
 
 
 def _fast_path_flag(name: str) -> property:
@@ -237,18 +222,14 @@ for _flag in _FAST_PATH_FLAGS:
 
 class _BlockMixin:
     def forward(self, hidden_states, residual=None, inference_params=None, **mixer_kwargs):
-        session = runtime_of(self).session()
+        session = session_of(self)
         if session is None or self.layer_idx not in session.anchors or not session.reduces_at(self.layer_idx):
             return super().forward(hidden_states, residual, inference_params=inference_params, **mixer_kwargs)
         mixer = self.mixer
         # the block's add + norm run as the host wrote them; only the mixer call takes the anchor's route
-        session.mixer_routes[id(mixer)] = (session.scan_route(_anchor(mixer, mixer_kwargs), hidden_states.device),
-                                           session)
-        try:
+        with mixer_route(session, mixer, session.scan_route(_anchor(mixer, mixer_kwargs), hidden_states.device)):
             hidden_states, residual = super().forward(hidden_states, residual, inference_params=inference_params,
                                                       **mixer_kwargs)
-        finally:
-            session.mixer_routes.pop(id(mixer), None)
         return _reduce_unpadded(session, self.layer_idx, hidden_states, residual)
 
 
@@ -272,6 +253,7 @@ class MambaSsmAdapter(Adapter):
     supported = ("MambaLMHeadModel", "MixerModel")
     lm_mixin = _LMHeadMixin
     backbone_mixin = _MixerModelMixin
+    mixer_mixin = _MixerMixin
 
     def check(self, model) -> None:
         for index, block in enumerate(self.backbone(model).layers):
@@ -289,16 +271,6 @@ class MambaSsmAdapter(Adapter):
     def block_mixin(self, model) -> type:
         return _BlockMixin
 
-    def patch(self, model, runtime: Runtime) -> None:
-        super().patch(model, runtime)
-        for block in self.backbone(model).layers:
-            if block.layer_idx in runtime.resolved.anchors:
-                swap_class(block.mixer, _MixerMixin, runtime)
-
-    def unpatch(self, model) -> None:
-        for block in self.backbone(model).layers:
-            restore_class(block.mixer)
-        super().unpatch(model)
 
     def anchor_scan(self, block, device) -> AnchorScan:
         return _anchor(block.mixer, {})

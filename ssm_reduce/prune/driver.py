@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from .. import validation
 from ..loading import check_device
 from .capture import block_outputs, capture_inputs, fill_slots
 from .settings import MRPSettings, resolve
@@ -163,9 +164,8 @@ def select_targets(blocks: torch.nn.ModuleList, filter_fn: Optional[Callable]) -
     return out
 
 
-def check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1 (calibration windows per forward), got {batch_size!r}")
+def check_batch_size(batch_size) -> int:
+    return validation.integer("batch_size", batch_size, 1, "calibration windows per forward")
 
 
 def calibration_tokens(calib, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -173,8 +173,9 @@ def calibration_tokens(calib, tokenizer, nsamples: int, seqlen: int, seed: int) 
     random windows of ``seqlen`` tokens from a 1-D tensor or from texts tokenised with ``tokenizer`` —
     from a stream shorter than ``nsamples * seqlen`` tokens, its consecutive windows instead (fewer than
     ``nsamples``: random ones would repeat its tokens)."""
-    if nsamples < 1 or seqlen < 2:
-        raise ValueError(f"nsamples must be >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
+    nsamples = validation.integer("nsamples", nsamples, 1, "calibration windows")
+    seqlen = validation.integer("seqlen", seqlen, 2, "tokens per calibration window")
+    seed = validation.integer("seed", seed, 0)
     if isinstance(calib, str) or (isinstance(calib, Sequence) and calib and all(isinstance(t, str) for t in calib)):
         if tokenizer is None:
             raise ValueError("calibration texts need a tokenizer: prune(model, texts, tokenizer=tok, ...)")
@@ -292,10 +293,13 @@ def prune_model(
     and listed in ``PruneReport.skipped``.
     """
     nm = check_target(sparsity, pattern, method)
-    check_swap_rounds(swap_rounds)
-    check_options(blocksize, damp)
+    swap_rounds = check_swap_rounds(swap_rounds)
+    blocksize, damp = check_options(blocksize, damp)
     settings = resolve(settings)
-    check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
+    nsamples = validation.integer("nsamples", nsamples, 1, "calibration windows")
+    seqlen = validation.integer("seqlen", seqlen, 2, "tokens per calibration window")
+    seed = validation.integer("seed", seed, 0)
     device = check_device(device) if device is not None else next(model.parameters()).device
     if device.type == "meta":
         raise ValueError("device='meta' holds no data; give the device to prune on (cpu, cuda, cuda:1, ...)")

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import validation
 from .baselines import prune_magnitude, prune_sparsegpt, prune_wanda
 from .mrp import prune_mrp
 from .request import SolveRequest, SolveStats
@@ -64,17 +65,17 @@ def check_target(sparsity, pattern, method) -> Optional[tuple[int, int]]:
     return None
 
 
-def check_options(blocksize, damp) -> None:
-    """Validate the sweeps' ``blocksize`` (an integer >= 1) and the damping ``damp`` (a finite number >= 0)."""
-    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) or blocksize < 1:
-        raise ValueError(f"blocksize must be an integer >= 1 (columns per lazy block), got {blocksize!r}")
+def check_options(blocksize, damp) -> tuple[int, float]:
+    """The sweeps' ``blocksize`` (an integer >= 1) and the damping ``damp`` (a finite number >= 0), as Python
+    numbers; ``ValueError`` naming the argument otherwise."""
+    blocksize = validation.integer("blocksize", blocksize, 1, "columns per lazy block")
     if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0.0 <= damp < math.inf:
         raise ValueError(f"damp must be a finite number >= 0 (a fraction of the Hessian's mean diagonal), got {damp!r}")
+    return blocksize, float(damp)
 
 
-def check_swap_rounds(swap_rounds) -> None:
-    if isinstance(swap_rounds, bool) or not isinstance(swap_rounds, int) or swap_rounds < 0:
-        raise ValueError(f"swap_rounds must be an integer >= 0 (0 = no swap rounds), got {swap_rounds!r}")
+def check_swap_rounds(swap_rounds) -> int:
+    return validation.integer("swap_rounds", swap_rounds, 0, "0 = no swap rounds")
 
 
 def check_workspace(workspace) -> None:
@@ -137,8 +138,8 @@ def prune_linear(
         factored even with 10^6 x the damping, or the result is not finite.
     """
     nm = check_target(sparsity, pattern, method)
-    check_swap_rounds(swap_rounds)
-    check_options(blocksize, damp)
+    swap_rounds = check_swap_rounds(swap_rounds)
+    blocksize, damp = check_options(blocksize, damp)
     settings = resolve(settings)
     check_workspace(workspace)
     hessian = _checked_tensors(weight, hessian, nm, pattern)
