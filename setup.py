@@ -100,7 +100,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",  # (transformers 5)
     packages=find_packages(include=["ssm_reduce", "ssm_reduce.*"]),
-    package_data={"ssm_reduce": ["data/embedded/*"]},
+    package_data={"ssm_reduce": ["data/embedded/*", "data/embedded-hybrid/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

@@ -49,7 +49,12 @@ def read_stream(root: Path, rels: list[str]) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+HYBRID_ATTENTION = (3, 8)  # the embedded hybrid's attention layers (every other layer is Mamba-2)
+
+
 def build_model(args):
+    if args.arch == "hybrid":
+        return build_hybrid(args)
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     config = Mamba2Config(
@@ -73,6 +78,36 @@ def build_model(args):
     return Mamba2ForCausalLM(config)
 
 
+def build_hybrid(args):
+    """A Nemotron-H-style byte-level hybrid: Mamba-2 layers with attention layers at ``HYBRID_ATTENTION``."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    kinds = ["attention" if i in HYBRID_ATTENTION else "mamba" for i in range(args.layers)]
+    config = NemotronHConfig(
+        vocab_size=EOT_ID + 1,
+        hidden_size=args.hidden,
+        layers_block_type=kinds,
+        num_attention_heads=args.hidden // args.head_dim,
+        num_key_value_heads=2,
+        head_dim=args.head_dim,
+        intermediate_size=4 * args.hidden,
+        mamba_num_heads=2 * args.hidden // args.head_dim,
+        mamba_head_dim=args.head_dim,
+        ssm_state_size=args.state,
+        n_groups=1,
+        conv_kernel=4,
+        chunk_size=args.chunk,
+        expand=2,
+        tie_word_embeddings=True,
+        bos_token_id=EOT_ID,
+        eos_token_id=EOT_ID,
+        pad_token_id=EOT_ID,
+        use_cache=True,
+    )
+    torch.manual_seed(args.seed)
+    return NemotronHForCausalLM(config)
+
+
 @torch.no_grad()
 def heldout_bits_per_byte(model, stream: torch.Tensor, seqlen: int, windows: int) -> float:
     """Mean next-byte loss in bits over ``windows`` evenly spaced windows of the held-out stream."""
@@ -91,7 +126,9 @@ def heldout_bits_per_byte(model, stream: torch.Tensor, seqlen: int, windows: int
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=None, help="default: ssm_reduce/data/embedded[-hybrid]")
+    p.add_argument("--arch", choices=("mamba2", "hybrid"), default="mamba2",
+                   help="mamba2: the embedded model; hybrid: the embedded hybrid (Nemotron-H style)")
     p.add_argument("--tokens", type=int, default=12_000_000, help="training tokens (bytes) in all")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
@@ -107,6 +144,8 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-windows", type=int, default=64)
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_OUT if args.arch == "mamba2" else DEFAULT_OUT.with_name("embedded-hybrid")
 
     torch.set_num_threads(args.threads)
     root, rels = stdlib_files()
@@ -159,6 +198,7 @@ def save(model, args, rels, train_rels, held_rels, train_bytes, n_params, histor
     model.save_pretrained(args.out, safe_serialization=True)
     byte_tokenizer().save_pretrained(args.out)
     card = {
+        "architecture": type(model).__name__,
         "python_version": platform.python_version(),
         "stdlib_files": len(rels),
         "train_files": len(train_rels),
@@ -181,10 +221,13 @@ def save(model, args, rels, train_rels, held_rels, train_bytes, n_params, histor
 
 def model_card(card: dict) -> str:
     t = card["training"]
+    hybrid = t.get("arch") == "hybrid"
+    kind = "Mamba-2 / attention hybrid" if hybrid else "Mamba-2"
+    attention = f" (attention at layers {', '.join(map(str, HYBRID_ATTENTION))}, Mamba-2 elsewhere)" if hybrid else ""
     return f"""# ssm_reduce embedded model
 
-A byte-level Mamba-2 language model (`transformers` `Mamba2ForCausalLM`, {card['parameters'] / 1e6:.2f}M
-parameters, {t['layers']} layers, hidden size {t['hidden']}, head dim {t['head_dim']}, state size {t['state']})
+A byte-level {kind} language model (`transformers` `{card['architecture']}`, {card['parameters'] / 1e6:.2f}M
+parameters, {t['layers']} layers{attention}, hidden size {t['hidden']}, head dim {t['head_dim']}, state size {t['state']})
 trained on the Python {card['python_version']} standard library sources. It ships inside the package so
 that the demo, the tests and the accuracy tables run offline on any machine.
 

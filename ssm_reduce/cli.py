@@ -265,7 +265,7 @@ def _device(text: str) -> str:
 
 def _model_options(parser, methods, default_method: str, reduction: bool) -> None:
     parser.add_argument("--model", default="embedded",
-                        help="'embedded', a HF or mamba_ssm checkpoint directory, or a hub id")
+                        help="'embedded', 'embedded-hybrid', a HF or mamba_ssm checkpoint directory, or a hub id")
     parser.add_argument("--method", default=default_method, choices=methods)
     if reduction:
         parser.add_argument("--flops-reduction", type=float, default=0.2)

@@ -44,6 +44,15 @@ def default_schedule(num_layers: int) -> tuple[int, ...]:
     return tuple(range(start, end + 1, stride))
 
 
+def hybrid_schedule(anchors: Sequence[int], mamba_layers: Sequence[int]) -> tuple[int, ...]:
+    """The schedule ``anchors`` (over the whole layer stack) on a hybrid whose Mamba layers are ``mamba_layers``:
+    each anchor moves to the nearest Mamba layer (the earlier one on a tie), duplicates dropped."""
+    if not mamba_layers:
+        return ()
+    moved = [min(mamba_layers, key=lambda m: (abs(m - a), m)) for a in anchors]
+    return tuple(sorted(set(moved)))
+
+
 def relative_cost(keep_ratio: float, anchors: Sequence[int], num_layers: int) -> float:
     """Mean over layers of (tokens entering the layer / N) when every anchor keeps ``keep_ratio``."""
     total = 0.0
@@ -194,14 +203,24 @@ class ReduceConfig:
         """(q_hidden, q_residual) the method actually uses: ``prune`` is 1/1, ``merge`` and ``tome`` 0/0."""
         return get_method(self.method).streams or (self.q_hidden, self.q_residual)
 
-    def resolve(self, num_layers: int, conv_kernel: int) -> "ResolvedConfig":
-        """Bind the config to a model depth; raises ``ValueError`` for out-of-range anchors."""
+    def resolve(self, num_layers: int, conv_kernel: int, mamba_layers: Optional[Sequence[int]] = None) -> "ResolvedConfig":
+        """Bind the config to a model depth; raises ``ValueError`` for out-of-range anchors. ``mamba_layers``:
+        the layers that can be anchors (a hybrid's Mamba layers; None = every layer): the paper's schedule
+        moves each anchor to the nearest of them (``hybrid_schedule``), explicit ``layers`` must name them."""
         anchors = default_schedule(num_layers) if self.layers is None else self.layers
         bad = [a for a in anchors if a >= num_layers]
         if bad:
             raise ValueError(
                 f"layers {bad} out of range: the model has {num_layers} layers (valid indices 0..{num_layers - 1})"
             )
+        if mamba_layers is not None:
+            if self.layers is None:
+                anchors = hybrid_schedule(anchors, mamba_layers)
+            else:
+                bad = [a for a in anchors if a not in set(mamba_layers)]
+                if bad:
+                    raise ValueError(f"layers {bad} are not Mamba layers; anchors must be Mamba layers, which in this "
+                                     f"model are {list(mamba_layers)}")
         keep_ratio = None
         if self.keep_ratio is not None:
             keep_ratio = float(self.keep_ratio)

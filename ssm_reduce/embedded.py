@@ -12,6 +12,10 @@ from pathlib import Path
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "data" / "embedded"
 EMBEDDED_NAME = "embedded"
+# The embedded hybrid: Mamba-2 layers with two attention layers (Nemotron-H style), same corpus and split.
+EMBEDDED_HYBRID_DIR = EMBEDDED_DIR.with_name("embedded-hybrid")
+EMBEDDED_HYBRID_NAME = "embedded-hybrid"
+EMBEDDED_NAMES = (EMBEDDED_NAME, EMBEDDED_HYBRID_NAME)
 EOT_ID = 256  # byte-level vocabulary: ids 0-255 are bytes, 256 is <|endoftext|>
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 HELDOUT_BUCKETS = 20  # one file in twenty is held out
@@ -59,20 +63,24 @@ def file_list_hash(rels: list[str]) -> str:
     return hashlib.sha256("\n".join(rels).encode()).hexdigest()
 
 
-def embedded_model_path() -> Path:
-    """Directory of the embedded model, loadable with ``AutoModelForCausalLM.from_pretrained`` and
-    ``AutoTokenizer.from_pretrained``."""
-    if not (EMBEDDED_DIR / "config.json").is_file():
+def embedded_model_path(name: str = EMBEDDED_NAME) -> Path:
+    """Directory of the embedded model (``"embedded"``) or the embedded hybrid (``"embedded-hybrid"``),
+    loadable with ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``."""
+    if name not in EMBEDDED_NAMES:
+        raise ValueError(f"name must be one of {', '.join(EMBEDDED_NAMES)}, got {name!r}")
+    directory = EMBEDDED_DIR if name == EMBEDDED_NAME else EMBEDDED_HYBRID_DIR
+    if not (directory / "config.json").is_file():
+        arch = "" if name == EMBEDDED_NAME else " --arch hybrid"
         raise FileNotFoundError(
-            f"the embedded model is missing from this installation ({EMBEDDED_DIR.name}/config.json); "
-            "reinstall ssm_reduce or recreate it with `python eval/train_embedded.py`"
+            f"the {name} model is missing from this installation ({directory.name}/config.json); "
+            f"reinstall ssm_reduce or recreate it with `python eval/train_embedded.py{arch}`"
         )
-    return EMBEDDED_DIR
+    return directory
 
 
 def resolve_model_name(name: str) -> str:
-    """``"embedded"`` -> the embedded model's directory; anything else unchanged."""
-    return str(embedded_model_path()) if name == EMBEDDED_NAME else name
+    """``"embedded"`` / ``"embedded-hybrid"`` -> that model's directory; anything else unchanged."""
+    return str(embedded_model_path(name)) if name in EMBEDDED_NAMES else name
 
 
 def byte_tokenizer():

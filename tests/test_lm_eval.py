@@ -21,6 +21,7 @@ from ssm_reduce.integrations.lm_eval import ReducedLM, reduce_config_from_args  
 from ssm_reduce.testing import latest_plans  # noqa: E402
 
 from .conftest import tiny_mamba2  # noqa: E402
+from .hybrids import tiny_hybrid  # noqa: E402
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
 
@@ -223,3 +224,18 @@ def test_mamba_ssm_checkpoint_without_a_device_uses_what_is_there(tmp_path):
     for device in ({}, {"device": "cuda:0"}):
         lm = ReducedLM(pretrained=str(tmp_path), method="utr", keep_ratio=0.8, **device)
         assert next(lm.model.parameters()).device.type == expected
+
+
+@pytest.mark.parametrize("name", ["granite", "zamba2"])
+def test_hybrids_dense_exact_and_reduced_batch_invariant(name, task_dir):
+    """On hybrids too: dense scores equal stock HFLM's; reduced scores do not depend on the batch size and
+    differ from the dense ones."""
+    model = tiny_hybrid(name, vocab_size=257, pad_token_id=256, bos_token_id=256, eos_token_id=256)
+    tok = byte_tokenizer()
+    stock = loglikelihoods(HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu"), task_dir)
+    assert loglikelihoods(ReducedLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu"), task_dir) == stock
+    args = dict(pretrained=model, tokenizer=tok, device="cpu", method="utr", keep_ratio=0.7)
+    one = loglikelihoods(ReducedLM(batch_size=1, **args), task_dir)
+    eight = loglikelihoods(ReducedLM(batch_size=8, **args), task_dir)
+    assert one == pytest.approx(eight, abs=1e-4)
+    assert one != pytest.approx(stock, abs=1e-4)

@@ -11,7 +11,7 @@ import torch
 from ..config import ReduceConfig, ResolvedConfig
 from ..ops import route
 from ..runtime import Runtime
-from . import hf, mamba_ssm  # noqa: F401  (register the transformers and mamba_ssm adapters)
+from . import hf, hybrid, mamba_ssm  # noqa: F401  (register the transformers, hybrid and mamba_ssm adapters)
 from .base import adapter_for, host_class, runtime_of, supported_hosts
 
 __all__ = ["apply", "check", "remove", "stats", "protect", "is_patched", "scan_routes", "supported_hosts"]
@@ -54,8 +54,9 @@ def check(model: torch.nn.Module, config: Optional[ReduceConfig] = None, **overr
     if overrides:
         config = config.with_overrides(**overrides)
     adapter.check(model)
+    adapter.check_config(model, config)
     adapter.check_ownership(model)
-    return config.resolve(adapter.num_layers(model), adapter.conv_kernel(model))
+    return config.resolve(adapter.num_layers(model), adapter.conv_kernel(model), adapter.mamba_layers(model))
 
 
 def remove(model: torch.nn.Module) -> torch.nn.Module:
@@ -90,11 +91,10 @@ def scan_routes(model: torch.nn.Module) -> dict[int, route.Scan]:
     adapter = adapter_for(model)
     runtime = _runtime(model)
     routes = {}
-    for block in adapter.backbone(model).layers:
-        if block.layer_idx in runtime.resolved.anchors:
+    for index, block in adapter.blocks(model):
+        if index in runtime.resolved.anchors:
             device = next(block.parameters()).device
-            routes[block.layer_idx] = route.anchor_scan(adapter.anchor_scan(block, device), device,
-                                                        "ssm" in runtime.sources)
+            routes[index] = route.anchor_scan(adapter.anchor_scan(block, device), device, "ssm" in runtime.sources)
     return routes
 
 

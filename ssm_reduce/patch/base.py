@@ -35,8 +35,9 @@ def swap_class(module: torch.nn.Module, mixin: type, runtime: Runtime) -> None:
     if key not in _SUBCLASSES:
         attrs = {PARENT_ATTR: parent, "__qualname__": parent.__qualname__, "__reduce_ex__": _refuse_pickling,
                  "__deepcopy__": _deepcopy}
-        if isinstance(mixin.__dict__.get("forward"), types.FunctionType):
-            attrs["forward"] = _forward_with_parent_signature(mixin.__dict__["forward"], parent.forward)
+        forward = next((c.__dict__["forward"] for c in mixin.__mro__ if "forward" in c.__dict__), None)
+        if isinstance(forward, types.FunctionType):
+            attrs["forward"] = _forward_with_parent_signature(forward, parent.forward)
         _SUBCLASSES[key] = type(parent.__name__, (mixin, parent), attrs)
     module.__class__ = _SUBCLASSES[key]
     setattr(module, RUNTIME_ATTR, runtime)
@@ -104,7 +105,7 @@ def class_names(module: torch.nn.Module) -> set[str]:
     return {cls.__name__ for cls in type(module).__mro__}
 
 
-def anchor_scan_mamba1(session, scan: Scan, host_fn, u, delta, A, B, C, D, z, delta_bias):
+def anchor_scan_mamba1(session, scan: Scan, host_fn, u, delta, A, B, C, D, z, delta_bias, initial_state=None):
     """The scan of a Mamba-1 anchor mixer on route ``scan`` (``Session.scan_route``), (B, D, L) operands as
     in ``ops.scan_score_mamba1``: captures y before the z gate (and its score, when the scan computes it)
     and returns (gated y, final state). ``host_fn``: the host's selective scan, called without its gate on
@@ -113,8 +114,8 @@ def anchor_scan_mamba1(session, scan: Scan, host_fn, u, delta, A, B, C, D, z, de
     if scan is not Scan.HOST_SCAN:
         need_y = config.similarity_source == "ssm"  # y itself, not only its score, is needed for matching
         y, final_state, score, _ = ops.scan_score_mamba1(
-            u, delta, A, B, C, D=D, z=None if need_y else z, delta_bias=delta_bias, delta_softplus=True,
-            metric=config.importance,
+            u, delta, A, B, C, D=D, z=None if need_y else z, delta_bias=delta_bias, initial_state=initial_state,
+            delta_softplus=True, metric=config.importance,
         )
         session.capture_score("ssm", config.importance, score)
     else:  # the session scores y itself
@@ -206,6 +207,17 @@ class Adapter:
 
     def check(self, model) -> None:
         """Raise ``ValueError`` if this adapter cannot patch ``model`` (called before anything changes)."""
+
+    def check_config(self, model, config) -> None:
+        """Raise ``ValueError`` if ``config`` cannot serve ``model`` (called before anything changes)."""
+
+    def mamba_layers(self, model) -> Optional[list[int]]:
+        """The layers that can be anchors; None: every layer."""
+        return None
+
+    def blocks(self, model) -> list:
+        """(layer index, block) of a patched model's layers."""
+        return [(block.layer_idx, block) for block in self.backbone(model).layers]
 
     def conv_kernel(self, model) -> int:
         raise NotImplementedError
