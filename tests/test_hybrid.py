@@ -281,3 +281,23 @@ def test_copies_and_threads(name):
     for t in threads:
         t.join()
     assert not errors
+
+
+@pytest.mark.parametrize("name", ["granite", "zamba2", "falcon_h1"])
+@torch.no_grad()
+def test_a_second_prefill_and_decode_continue_the_record(name):
+    """A prompt fed in two forwards, then a decode step: each attention layer's record of real entries stays
+    as long as its cache, and the dense length counts every token."""
+    model = tiny_hybrid(name)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.6)
+    ids, mask = left_padded(2, 60, [0, 5], seed=1)
+    first = model(ids[:, :30], attention_mask=mask[:, :30], use_cache=True)
+    second = model(ids[:, 30:], attention_mask=mask, cache=first.cache, use_cache=True)
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    last = model(ids[:, :1], attention_mask=step_mask, cache=second.cache, use_cache=True)
+    record = kv_record(last.cache)
+    assert record.dense_columns == 61 and int(last.cache.get_seq_length(0)) == 61
+    for layer in ATTENTION[name]:
+        assert record.valid[layer].shape == (2, last.cache.layers[layer].keys.shape[-2])
+        assert bool(record.valid[layer][:, -1].all())  # the decode token is real
+    assert record.valid[ATTENTION[name][-1]].shape[1] < 61
