@@ -1,4 +1,4 @@
-"""Accuracy of the embedded model under every token-reduction method at F = 0.1 / 0.2 / 0.3.
+"""Accuracy of the embedded model (or the embedded hybrid) under every token-reduction method at F = 0.1 / 0.2 / 0.3.
 
 For each setting (dense, and each method at each target): the held-out lm-eval tasks
 (``embedded_nextline`` accuracy, ``embedded_lastident`` accuracy) through the ``ssm_reduce`` lm-eval
@@ -6,8 +6,9 @@ model, and held-out bits per byte with the windowed perplexity protocol (``ssm_r
 
     python eval/accuracy.py                      # full table (about an hour on two CPU cores)
     python eval/accuracy.py --limit 50 --windows 16 --methods utr evit --flops 0.2
+    python eval/accuracy.py --model embedded-hybrid    # the hybrid: eval/results/accuracy_embedded-hybrid.*
 
-Writes eval/results/accuracy_embedded.json, .md and .png.
+Writes eval/results/accuracy_<model>.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def heldout_stream(tokenizer) -> torch.Tensor:
     for rel in rels:
         ids += tokenizer((root / rel).read_text(encoding="utf-8", errors="replace")).input_ids + [EOT_ID]
     return torch.tensor(ids)
+
+
+def _serves(model, method: str) -> bool:
+    try:
+        ssm_reduce.check(model, method=method, flops_reduction=0.2)
+        return True
+    except ValueError:
+        return False
 
 
 def evaluate_setting(model, tokenizer, config, args, stream) -> dict:
@@ -101,7 +110,9 @@ def plot(rows, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(ssm_reduce.METHODS), choices=list(ssm_reduce.METHODS))
+    p.add_argument("--model", default="embedded", choices=["embedded", "embedded-hybrid"])
+    p.add_argument("--methods", nargs="+", default=None, choices=list(ssm_reduce.METHODS),
+                   help="default: every method the model serves")
     p.add_argument("--flops", nargs="+", type=float, default=[0.1, 0.2, 0.3])
     p.add_argument("--limit", type=int, default=None, help="items per task")
     p.add_argument("--windows", type=int, default=64, help="perplexity windows")
@@ -116,15 +127,18 @@ def main(argv=None):
     harness.set_threads()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = ssm_reduce.embedded_model_path()
+    path = ssm_reduce.embedded_model_path(args.model)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
+    if args.methods is None:
+        args.methods = [m for m in ssm_reduce.METHODS if _serves(model, m)]
     tokenizer = AutoTokenizer.from_pretrained(path)
     stream = heldout_stream(tokenizer)
     settings = [("dense", 0.0, None)] + [
         (m, f, ssm_reduce.ReduceConfig(method=m, flops_reduction=f)) for m in args.methods for f in args.flops
     ]
     protocol = {"limit": args.limit, "window": args.window, "scored": args.scored, "windows": args.windows}
-    final = harness.result_path("accuracy_embedded", args.out)
+    name = f"accuracy_{args.model}"
+    final = harness.result_path(name, args.out)
     partial = final.with_suffix(".partial.json")
     done = {}
     if args.resume and partial.exists():
@@ -138,17 +152,18 @@ def main(argv=None):
         if row is None:
             row = {"method": method, "flops_reduction": target, **evaluate_setting(model, tokenizer, config, args, stream)}
         rows.append(row)
-        harness.save("accuracy_embedded_partial", {"protocol": protocol, "rows": rows}, partial)
+        harness.save(f"{name}_partial", {"protocol": protocol, "rows": rows}, partial)
         print(markdown([row]).splitlines()[-1], flush=True)
     payload = {
-        "benchmark": "embedded model accuracy under token reduction",
+        "benchmark": f"{args.model} model accuracy under token reduction",
+        "model": args.model,
         "tasks": TASKS,
         "limit": args.limit,
         "perplexity_protocol": {"window": args.window, "scored": args.scored, "windows": args.windows},
         "environment": harness.environment("cpu"),
         "results": rows,
     }
-    out = harness.save("accuracy_embedded", payload, args.out)
+    out = harness.save(name, payload, args.out)
     out.with_suffix(".md").write_text(markdown(rows))
     plot(rows, out.with_suffix(".png"))
     print(markdown(rows))

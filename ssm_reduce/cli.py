@@ -221,10 +221,11 @@ def cmd_info(args) -> int:
     print(f"Mamba-2 scan backend on CUDA: {status['scan_backend']} (SSM_REDUCE_SCAN_BACKEND=cuda|triton){triton_note}")
     for host, classes in ssm_reduce.supported_hosts().items():
         print(f"supported ({host}): {', '.join(classes)}")
-    try:
-        print(f"embedded model: {ssm_reduce.embedded_model_path()}")
-    except FileNotFoundError as err:
-        print(f"embedded model: missing ({err})")
+    for name in ("embedded", "embedded-hybrid"):
+        try:
+            print(f"{name} model: {ssm_reduce.embedded_model_path(name)}")
+        except FileNotFoundError as err:
+            print(f"{name} model: missing ({err})")
     print(f"methods: {', '.join(ssm_reduce.METHODS)}")
     if args.model is None:
         print("scan routes: pass --model (and --method, --device) to see which scan each anchor runs")
@@ -233,6 +234,12 @@ def cmd_info(args) -> int:
 
     model, _ = _load(args.model, args.device, args.dtype)
     ssm_reduce.apply(model, method=args.method, flops_reduction=args.flops_reduction)
+    from .patch.base import adapter_for
+
+    mamba_layers = adapter_for(model).mamba_layers(model)
+    if mamba_layers is not None:
+        print(f"Mamba layers (anchors move to the nearest): {mamba_layers}")
+    print(f"anchors: {ssm_reduce.stats(model)['anchors']}")
     print(f"scan routes of {args.model} on {args.device}, {args.dtype}, method {args.method} "
           f"(flops_reduction={args.flops_reduction}):")
     for layer, scan in ssm_reduce.scan_routes(model).items():

@@ -50,6 +50,23 @@ def _causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, retu
     return F.silu(out) if activation in ("silu", "swish") else out
 
 
+def _attention_with_kv_cache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None,
+                             causal=False, **kwargs):
+    """flash_attn_with_kvcache for decode steps, from its documented semantics: writes k, v at each row's
+    ``cache_seqlens`` (an int here) and attends over the cache up to and including them."""
+    start = int(cache_seqlens)
+    new = k.shape[1]
+    k_cache[:, start:start + new], v_cache[:, start:start + new] = k, v
+    keys, values = k_cache[:, :start + new], v_cache[:, :start + new]
+    repeat = q.shape[2] // keys.shape[2]
+    keys, values = keys.repeat_interleave(repeat, dim=2), values.repeat_interleave(repeat, dim=2)
+    mask = None
+    if causal and new > 1:
+        mask = torch.ones(new, start + new, dtype=torch.bool, device=q.device).tril(start)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                          attn_mask=mask, scale=softmax_scale).transpose(1, 2)
+
+
 def install(paths) -> None:
     """Import mamba_ssm from ``paths`` and swap its kernels for references (idempotent)."""
     # transformers resolves mamba_ssm kernels when its modeling modules are imported; import them
@@ -149,6 +166,9 @@ def install(paths) -> None:
     mamba_simple.selective_scan_fn = counted("selective_scan", ssi.selective_scan_ref)  # Mamba-1 slow path
     mamba2.mamba_split_conv1d_scan_combined = counted("split_conv1d_scan", split_conv1d_scan)  # fused
     mamba2.mamba_chunk_scan_combined = counted("chunk_scan", chunk_scan)  # Mamba-2 unfused path
+    from mamba_ssm.modules import mha
+
+    mha.flash_attn_with_kvcache = counted("attention_decode", _attention_with_kv_cache)  # MHA decode steps
     import ssm_reduce.ops
 
     for name in ("scan_score_mamba1", "scan_score_mamba2"):  # anchors through ssm_reduce.ops
@@ -293,6 +313,48 @@ def check_unusual_mamba2() -> dict:
             "reduced_max_abs_diff": float((a.logits - b.logits).abs().max())}
 
 
+@torch.no_grad()
+def check_attention() -> dict:
+    """A mamba_ssm hybrid (an MHA layer without rotary embeddings between Mamba-2 layers): reduction off is
+    exact; greedy decoding after a reduced prefill equals one forward over prompt + generated tokens with the
+    prompt reduced by the same plans (the attention layer's cache holds the kept tokens, decoded at its own
+    length)."""
+    import ssm_reduce
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from ssm_reduce.testing import latest_plans, replay
+
+    from .conftest import random_tokens
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=32, n_layer=5, vocab_size=64, pad_vocab_size_multiple=8, attn_layer_idx=[3],
+                      attn_cfg={"num_heads": 4, "causal": True},
+                      ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 8, "chunk_size": 16})
+    model = MambaLMHeadModel(cfg).eval()
+    ids, new = random_tokens(2, 60), 5
+    dense = model(ids).logits
+    dense_gen = model.generate(ids, max_length=ids.shape[1] + new, cg=False, return_dict_in_generate=True,
+                               output_scores=True)
+    ssm_reduce.apply(model, method="utr", keep_ratio=1.0)
+    assert torch.equal(model(ids).logits, dense), "keep ratio 1 must be exact"
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.6, layers=[1, 2])
+    CALLS.clear()
+    out = model.generate(ids, max_length=ids.shape[1] + new, cg=False, return_dict_in_generate=True,
+                         output_scores=True)
+    assert CALLS["attention_decode"] == new - 1, dict(CALLS)
+    plans = latest_plans(model)
+    kept = plans[2].state.pos.shape[1]
+    assert kept < ids.shape[1] and sorted(plans) == [1, 2]
+    with replay(model, plans):
+        full = model(out.sequences)
+    torch.testing.assert_close(full.logits[:, -new - 1:-1], torch.stack(out.scores, 1), atol=1e-4, rtol=1e-4)
+    assert not torch.equal(out.sequences, dense_gen.sequences) or kept < ids.shape[1]
+    ssm_reduce.remove(model)
+    assert torch.equal(model(ids).logits, dense)
+    return {"layer": "Mamba2 + MHA (no rotary)", "reduced_tokens": [ids.shape[1], kept],
+            "decode_max_abs_diff": float((full.logits[:, -new - 1:-1] - torch.stack(out.scores, 1)).abs().max())}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -300,7 +362,7 @@ def main(argv=None) -> int:
         return 2
     install([p for p in os.environ.get(ENV, "").split(os.pathsep) if p])
     workdir = Path(argv[0])
-    results = [check(layer, workdir) for layer in ("Mamba1", "Mamba2")] + [check_unusual_mamba2()]
+    results = [check(layer, workdir) for layer in ("Mamba1", "Mamba2")] + [check_unusual_mamba2(), check_attention()]
     print(json.dumps(results))
     return 0
 

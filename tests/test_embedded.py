@@ -56,3 +56,49 @@ def test_demo_uses_the_embedded_model(capsys):
     out = capsys.readouterr().out
     assert "model: embedded (Mamba2ForCausalLM" in out
     assert "realised FLOPs reduction" in out and "reduced greedy" in out
+
+
+@pytest.fixture(scope="module")
+def embedded_hybrid():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ssm_reduce.embedded_model_path("embedded-hybrid")
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_hybrid_card_and_size():
+    from ssm_reduce.embedded import EMBEDDED_HYBRID_DIR
+
+    card = json.loads((EMBEDDED_HYBRID_DIR / "training.json").read_text())
+    assert card["architecture"] == "NemotronHForCausalLM" and card["training"]["arch"] == "hybrid"
+    assert card["heldout_bits_per_byte"] < 2.5
+    assert (EMBEDDED_HYBRID_DIR / "model.safetensors").stat().st_size <= 15 * 2**20
+    assert card["file_list_sha256"] == json.loads((EMBEDDED_DIR / "training.json").read_text())["file_list_sha256"]
+
+
+@torch.no_grad()
+def test_hybrid_is_trained_and_reduces(embedded_hybrid):
+    model, tokenizer = embedded_hybrid
+    kinds = [layer.block_type for layer in model.model.layers]
+    assert kinds.count("full_attention") + kinds.count("attention") in (2, 3)
+    root, rels = heldout_files()
+    text = (root / sorted(rels)[0]).read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :513]
+    dense = model(ids[:, :-1]).logits
+    bits = torch.nn.functional.cross_entropy(dense[0], ids[0, 1:]).item() / math.log(2)
+    assert bits < 3.5
+    ssm_reduce.apply(model, method="utr", flops_reduction=0.2)
+    try:
+        out = model(ids[:, :-1])
+        stats = ssm_reduce.stats(model)
+        assert out.logits.shape[1] < 512 and stats["realised_flops_reduction"] == pytest.approx(0.2, abs=0.02)
+        assert all(e["attended_tokens"] <= e["dense_attended_tokens"] for e in stats["attention_layers"].values())
+    finally:
+        ssm_reduce.remove(model)
+
+
+def test_demo_runs_the_embedded_hybrid(capsys):
+    assert cli.main(["demo", "--model", "embedded-hybrid", "--tokens", "384", "--new-tokens", "8",
+                     "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "NemotronHForCausalLM" in out and "reduced greedy" in out

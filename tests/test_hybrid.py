@@ -301,3 +301,13 @@ def test_a_second_prefill_and_decode_continue_the_record(name):
         assert record.valid[layer].shape == (2, last.cache.layers[layer].keys.shape[-2])
         assert bool(record.valid[layer][:, -1].all())  # the decode token is real
     assert record.valid[ATTENTION[name][-1]].shape[1] < 61
+
+
+def test_older_transformers_are_refused(monkeypatch):
+    from ssm_reduce.patch import hybrid
+
+    model = tiny_hybrid("granite")
+    monkeypatch.setattr(hybrid, "transformers_version", lambda: "5.23.0")
+    with pytest.raises(ValueError, match=r"needs transformers >= 5.25.*found 5.23.0"):
+        ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    assert not ssm_reduce.is_patched(model)

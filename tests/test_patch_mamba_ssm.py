@@ -203,14 +203,19 @@ def test_decode_steps_never_reduce(pair):
 def test_unsupported_mixers_are_refused_before_any_change(pair):
     _, ssm = pair
 
-    class MHA(nn.Module):  # mamba_ssm's attention mixer, by class name
+    class Mamba3(nn.Module):  # a mamba_ssm mixer the adapter does not know, by class name
         pass
 
+    class MHA(nn.Module):  # mamba_ssm's attention mixer with rotary embeddings
+        rotary_emb_dim = 16
+
     original = ssm.backbone.layers[3].mixer
-    ssm.backbone.layers[3].mixer = MHA()
-    with pytest.raises(ValueError, match="layer 3 is a mamba_ssm MHA layer"):
-        ssm_reduce.apply(ssm, method="utr", keep_ratio=0.7)
-    assert not ssm_reduce.is_patched(ssm) and type(ssm).__name__ == "MambaLMHeadModel"
+    for mixer, message in ((Mamba3(), "layer 3 is a mamba_ssm Mamba3 layer"), (MHA(), "layer 3 is a mamba_ssm MHA "
+                                                                                       "layer with rotary")):
+        ssm.backbone.layers[3].mixer = mixer
+        with pytest.raises(ValueError, match=message):
+            ssm_reduce.apply(ssm, method="utr", keep_ratio=0.7)
+        assert not ssm_reduce.is_patched(ssm) and type(ssm).__name__ == "MambaLMHeadModel"
     ssm.backbone.layers[3].mixer = original
 
 

@@ -39,6 +39,7 @@ from .base import (Adapter, RoutedMixerMixin, add_hook, capture_hook, host_class
                    runtime_of, session_of, swap_class)
 from .hf import _BackboneMixin, _CausalLMMixin, _arguments, _register_output_capture, select_at_lm_head
 
+MIN_TRANSFORMERS = (5, 25)
 INDEX_ATTR = "_ssm_reduce_index"
 RECORD_ATTR = "_ssm_reduce_kv"
 # Arguments the anchor forwards pass to the mixer themselves.
@@ -437,6 +438,12 @@ _LAYOUT_OF = {name: layout for layout in LAYOUTS for name in (*layout.lm, *layou
 _LAYOUT_OF_UNIT = {"Zamba2MambaDecoderLayer": LAYOUTS[3]}
 
 
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _layout_of(model) -> Optional[Layout]:
     """The layout of a model (or of a subclass of a supported class)."""
     for cls in host_class(model).__mro__:
@@ -482,6 +489,12 @@ class HybridAdapter(Adapter):
         return [i for i, layer in self.blocks(model) if layout.mixer(layer) is not None]
 
     def check(self, model) -> None:
+        version = transformers_version()
+        found = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if found < MIN_TRANSFORMERS:
+            raise ValueError(f"token reduction of {type(model).__name__} needs transformers >= "
+                             f"{'.'.join(map(str, MIN_TRANSFORMERS))} (its layers take `cache` and its mixers call a "
+                             f"module-level scan); found {version}")
         layout = self.layout(model)
         for index, layer in self.blocks(model):
             mixer = layout.mixer(layer)

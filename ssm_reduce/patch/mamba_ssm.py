@@ -44,7 +44,7 @@ from .. import ops
 from ..ops.route import AnchorScan, Scan
 from ..runtime import Runtime, kept_positions_for
 from .base import (Adapter, RoutedMixerMixin, anchor_scan_mamba1, class_names, host_class, mixer_route, register,
-                   runtime_of, session_of)
+                   runtime_of, session_of, swap_class)
 
 ReducedLMOutput = namedtuple("ReducedLMOutput", ["logits", "kept_positions"])
 # Mixer classes the adapter supports (mamba_ssm.modules: Mamba-1, Mamba-2).
@@ -233,6 +233,48 @@ class _BlockMixin:
         return _reduce_unpadded(session, self.layer_idx, hidden_states, residual)
 
 
+KV_ATTR = "_ssm_reduce_kv"
+
+
+class _Offset:
+    """``inference_params`` as one attention layer sees it after a reduced prefill: its own cache length as
+    the offset (the host's counts the prompt's tokens; this layer's cache holds the tokens it saw)."""
+
+    def __init__(self, params, offset: int):
+        self._params, self.seqlen_offset, self.lengths_per_sample = params, offset, None
+
+    def __getattr__(self, name):
+        return getattr(self._params, name)
+
+
+class _AttentionMixin:
+    """mamba_ssm MHA layers: after a reduced prefill, each keeps its own cache length (``KV_ATTR`` on the call's
+    ``inference_params``) and decodes at it. Without rotary embeddings (``check``) positions do not enter."""
+
+    def forward(self, x, inference_params=None, **kwargs):
+        runtime = runtime_of(self)
+        if runtime is None or inference_params is None:
+            return super().forward(x, inference_params=inference_params, **kwargs)
+        record = inference_params.__dict__.get(KV_ATTR)
+        if inference_params.seqlen_offset == 0:
+            out = super().forward(x, inference_params=inference_params, **kwargs)
+            session = runtime.session()
+            if session is not None and session.reduced:
+                inference_params.__dict__.setdefault(KV_ATTR, {})[self.layer_idx] = x.shape[1]
+            elif record is not None:
+                record.pop(self.layer_idx, None)
+            return out
+        if record is None or self.layer_idx not in record:
+            return super().forward(x, inference_params=inference_params, **kwargs)
+        if inference_params.lengths_per_sample is not None:
+            raise ValueError("inference_params.lengths_per_sample: per-row cache lengths are not supported after a "
+                             "reduced prefill")
+        offset = record[self.layer_idx]
+        out = super().forward(x, inference_params=_Offset(inference_params, offset), **kwargs)
+        record[self.layer_idx] = offset + x.shape[1]
+        return out
+
+
 def _reduce_unpadded(session, layer: int, hidden_states, residual):
     """``session.reduce``, refusing a plan that leaves rows of different lengths: mamba_ssm mixers take no
     padding mask, so padding columns would run through every later conv and scan into the real tokens
@@ -258,15 +300,39 @@ class MambaSsmAdapter(Adapter):
     def check(self, model) -> None:
         for index, block in enumerate(self.backbone(model).layers):
             name = type(block.mixer).__name__
-            if not class_names(block.mixer) & set(_MIXERS):
-                raise ValueError(
-                    f"model: layer {index} is a mamba_ssm {name} layer; token reduction supports models whose "
-                    f"layers are all {' or '.join(_MIXERS)} (attention layers would keep caches of the "
-                    f"unreduced length)"
-                )
+            if class_names(block.mixer) & set(_MIXERS):
+                continue
+            if name == "MHA":
+                rotary = int(getattr(block.mixer, "rotary_emb_dim", 0) or 0)
+                if rotary:
+                    raise ValueError(
+                        f"model: layer {index} is a mamba_ssm MHA layer with rotary embeddings (rotary_emb_dim="
+                        f"{rotary}); its positions come from the cache offset, not from the tokens, so the kept "
+                        "tokens would attend at wrong positions. Token reduction serves mamba_ssm attention layers "
+                        "without rotary embeddings; for rotary hybrids use a transformers hybrid (docs/hybrids.md)"
+                    )
+                continue
+            raise ValueError(
+                f"model: layer {index} is a mamba_ssm {name} layer; token reduction supports models whose "
+                f"layers are {' or '.join(_MIXERS)}, or MHA without rotary embeddings"
+            )
+        if self.mamba_layers(model) == []:
+            raise ValueError("model: it has no Mamba layers to reduce at")
+
+    def mamba_layers(self, model):
+        layers = self.backbone(model).layers
+        mamba = [i for i, block in enumerate(layers) if class_names(block.mixer) & set(_MIXERS)]
+        return None if len(mamba) == len(layers) else mamba
 
     def conv_kernel(self, model) -> int:
-        return int(getattr(self.backbone(model).layers[0].mixer, "d_conv", 4))
+        first = next(b for b in self.backbone(model).layers if class_names(b.mixer) & set(_MIXERS))
+        return int(getattr(first.mixer, "d_conv", 4))
+
+    def patch(self, model, runtime: Runtime) -> None:
+        super().patch(model, runtime)
+        for block in self.backbone(model).layers:
+            if type(block.mixer).__name__ == "MHA":
+                swap_class(block.mixer, _AttentionMixin, runtime)
 
     def block_mixin(self, model) -> type:
         return _BlockMixin
