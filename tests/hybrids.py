@@ -68,3 +68,13 @@ def tiny_hybrid(name: str, seed: int = 0, dtype=torch.float32, **common):
 
     torch.manual_seed(seed)
     return BUILDERS[name](transformers, {**_COMMON, **common}).to(dtype).eval()
+
+
+def hybrids_unsupported() -> str:
+    """Why the hybrid tests cannot run here ('' when they can): the adapter needs transformers >= 5.25."""
+    from ssm_reduce.patch.hybrid import MIN_TRANSFORMERS, transformers_version
+
+    found = tuple(int(p) for p in transformers_version().split(".")[:2] if p.isdigit())
+    if found < MIN_TRANSFORMERS:
+        return f"the hybrid adapter needs transformers >= 5.25, found {transformers_version()}"
+    return ""

@@ -10,6 +10,10 @@ import ssm_reduce
 from ssm_reduce import cli
 from ssm_reduce.embedded import EMBEDDED_DIR, heldout_files
 
+from .hybrids import hybrids_unsupported
+
+needs_hybrids = pytest.mark.skipif(bool(hybrids_unsupported()), reason=hybrids_unsupported() or "")
+
 
 @pytest.fixture(scope="module")
 def embedded():
@@ -76,6 +80,7 @@ def test_hybrid_card_and_size():
     assert card["file_list_sha256"] == json.loads((EMBEDDED_DIR / "training.json").read_text())["file_list_sha256"]
 
 
+@needs_hybrids
 @torch.no_grad()
 def test_hybrid_is_trained_and_reduces(embedded_hybrid):
     model, tokenizer = embedded_hybrid
@@ -97,6 +102,7 @@ def test_hybrid_is_trained_and_reduces(embedded_hybrid):
         ssm_reduce.remove(model)
 
 
+@needs_hybrids
 def test_demo_runs_the_embedded_hybrid(capsys):
     assert cli.main(["demo", "--model", "embedded-hybrid", "--tokens", "384", "--new-tokens", "8",
                      "--repeats", "1"]) == 0

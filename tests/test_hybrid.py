@@ -11,7 +11,9 @@ from ssm_reduce.patch.hybrid import kv_record
 from ssm_reduce.testing import latest_plans, replay
 
 from .conftest import assert_same_model, left_padded, random_tokens, state_dict_copy
-from .hybrids import ATTENTION, HYBRIDS, MAMBA, tiny_hybrid
+from .hybrids import ATTENTION, HYBRIDS, MAMBA, hybrids_unsupported, tiny_hybrid
+
+pytestmark = pytest.mark.skipif(bool(hybrids_unsupported()), reason=hybrids_unsupported() or "")
 
 
 @pytest.fixture(params=HYBRIDS)
@@ -309,5 +311,45 @@ def test_older_transformers_are_refused(monkeypatch):
     model = tiny_hybrid("granite")
     monkeypatch.setattr(hybrid, "transformers_version", lambda: "5.23.0")
     with pytest.raises(ValueError, match=r"needs transformers >= 5.25.*found 5.23.0"):
+        ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
+    assert not ssm_reduce.is_patched(model)
+
+
+@torch.no_grad()
+def test_prune_then_reduce(name):
+    """Weight pruning and token reduction compose: the pruned model reduces, and reduction off gives the
+    pruned model's logits exactly."""
+    model = tiny_hybrid(name)
+    ids, mask = left_padded(2, 40, [0, 6], seed=3)
+    report = ssm_reduce.prune(model, random_tokens(4, 48, seed=5), sparsity=0.5, method="wanda", progress=False)
+    assert report.layers
+    pruned = model(ids, attention_mask=mask).logits
+    ssm_reduce.apply(model, method="utr", keep_ratio=1.0)
+    assert torch.equal(model(ids, attention_mask=mask).logits, pruned)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.6, layers=_anchors(name))
+    assert model(ids, attention_mask=mask).logits.shape[1] < 40
+
+
+def test_windowed_perplexity_dense_and_reduced(name):
+    from ssm_reduce import ReduceConfig
+    from ssm_reduce.evaluation import compare_perplexity
+
+    model = tiny_hybrid(name)
+    tokens = random_tokens(1, 400, seed=7)[0]
+    result = compare_perplexity(model, tokens, ReduceConfig(method="utr", flops_reduction=0.2), window=128,
+                                scored=32, batch_size=2)
+    assert result["dense"]["bits_per_token"] > 0 and result["reduced"]["bits_per_token"] > 0
+    assert result["reduced"]["realised_flops_reduction"] > 0.05
+    assert not ssm_reduce.is_patched(model)
+
+
+def test_an_unknown_mamba_mixer_is_refused(monkeypatch):
+    """A supported class whose mixer no longer calls the scan function the adapter reads is refused."""
+    import sys
+
+    model = tiny_hybrid("granite")
+    module = sys.modules[type(model.model.layers[0].mamba).__module__]
+    monkeypatch.delattr(module, "mamba2_scan_forward")
+    with pytest.raises(TypeError, match="GraniteMoeHybridMambaLayer"):
         ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
     assert not ssm_reduce.is_patched(model)

@@ -21,7 +21,7 @@ from ssm_reduce.integrations.lm_eval import ReducedLM, reduce_config_from_args  
 from ssm_reduce.testing import latest_plans  # noqa: E402
 
 from .conftest import tiny_mamba2  # noqa: E402
-from .hybrids import tiny_hybrid  # noqa: E402
+from .hybrids import hybrids_unsupported, tiny_hybrid  # noqa: E402
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
 
@@ -226,6 +226,7 @@ def test_mamba_ssm_checkpoint_without_a_device_uses_what_is_there(tmp_path):
         assert next(lm.model.parameters()).device.type == expected
 
 
+@pytest.mark.skipif(bool(hybrids_unsupported()), reason=hybrids_unsupported() or "")
 @pytest.mark.parametrize("name", ["granite", "zamba2"])
 def test_hybrids_dense_exact_and_reduced_batch_invariant(name, task_dir):
     """On hybrids too: dense scores equal stock HFLM's; reduced scores do not depend on the batch size and
