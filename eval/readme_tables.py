@@ -90,17 +90,37 @@ def speed_table() -> str | None:
     return _wrap(caption) + "\n\n" + "\n".join(lines) + "\n\n" + _env(payload)
 
 
-def accuracy_table() -> str | None:
-    payload = _load("accuracy_embedded.json")
-    md = RESULTS / "accuracy_embedded.md"
+def accuracy_table(model: str = "embedded") -> str | None:
+    payload = _load(f"accuracy_{model}.json")
+    md = RESULTS / f"accuracy_{model}.md"
     if payload is None or not md.exists():
         return None
     proto = payload["perplexity_protocol"]
-    caption = (f"The embedded model on its held-out tasks ({payload['limit'] or 'all'} items per task) and on the "
+    what = "The embedded model" if model == "embedded" else "The embedded hybrid"
+    caption = (f"{what} on its held-out tasks ({payload['limit'] or 'all'} items per task) and on the "
                f"perplexity protocol ({proto['windows']} windows of {proto['window']} bytes, last {proto['scored']} "
                "scored). Realised F is measured on the perplexity windows:")
     return (_wrap(caption) + "\n\n" + md.read_text().strip() + "\n\n"
-            "![accuracy vs FLOPs reduction](../eval/results/accuracy_embedded.png)\n\n" + _env(payload))
+            f"![accuracy vs FLOPs reduction](../eval/results/accuracy_{model}.png)\n\n" + _env(payload))
+
+
+def hybrid_bench_table() -> str | None:
+    runs = [p for p in (_load("bench_hybrid_cpu.json"), _load("bench_hybrid_cpu_nemotron-h-8b.json")) if p]
+    if not runs:
+        return None
+    lines = ["| shape (layers) | batch × prompt | F | realised F | prefill time ratio | KV bytes ratio | "
+             "decode-step time ratio |", "|---|---|---|---|---|---|---|"]
+    for payload in runs:
+        for result in payload["results"]:
+            for row in result["rows"]:
+                lines.append(f"| {result['shape']} ({result['layers']}) | {result['batch']} × {result['prompt']} | "
+                             f"{row['flops_reduction']:.1f} | {row['realised_flops_reduction']:.3f} | "
+                             f"{row['prefill_time_ratio']:.3f} | {row['kv_bytes_ratio']:.3f} | "
+                             f"{row['decode_step_time_ratio']:.3f} |")
+    caption = ("Random weights at the published layer shapes, the layer stack cut to fit this machine (layers in "
+               "brackets), float32, method utr. Dense and reduced prefills alternate; each ratio is the median "
+               "of the pairs' ratios; KV bytes are the attention caches after the prefill:")
+    return _wrap(caption) + "\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(_env(p) for p in runs)
 
 
 def _timing_protocol(layers) -> str:
@@ -183,7 +203,8 @@ def _one_thread_note() -> str:
             f"{row['bits_per_byte_reduced']:.4f} (`eval/results/prune_embedded_mrp50_1thread.json`)")
 
 
-TABLES = {"bench": bench_table, "speed": speed_table, "accuracy": accuracy_table, "prune": prune_tables}
+TABLES = {"bench": bench_table, "speed": speed_table, "accuracy": accuracy_table, "prune": prune_tables,
+          "accuracy_hybrid": lambda: accuracy_table("embedded-hybrid"), "bench_hybrid": hybrid_bench_table}
 
 
 def main():

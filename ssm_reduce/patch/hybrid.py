@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from .. import ops
 from ..ops.route import AnchorScan, Scan
 from ..runtime import Runtime
 from . import scan_calls
@@ -281,7 +282,7 @@ class _Book:
             return value
         if name in self.layout.streams:  # a stream: the same merges as the residual stream
             for plan in session.plans.values():
-                value = plan.apply(value, value)[1]
+                value = ops.apply_plan([value], plan.slot, [plan.residual_weight], plan.n_out)[0]
             return value
         columns = session.state.pos.clamp(min=0).to(value.device)
         rows = value.expand(columns.shape[0], *value.shape[1:]) if value.shape[0] == 1 else value
@@ -392,6 +393,9 @@ class _LayerMixin:
             return super().forward(hidden_states, *args, **kwargs)
         session = book.session = runtime.session()
         layout, index = book.layout, self.__dict__[INDEX_ATTR]
+        attends = layout.attends(self)
+        if not attends and (session is None or (not session.reduced and index not in session.anchors)):
+            return super().forward(hidden_states, *args, **kwargs)  # nothing of this layer's changes
         named = _arguments(self, (hidden_states, *args), kwargs)
         cache = named.get("cache")
         if session is not None and session.reduced:
@@ -400,7 +404,7 @@ class _LayerMixin:
                     named[name] = book.gathered(name, named[name], session)
         if session is not None and layout.mixer(self) is not None and layout.mamba_mask_arg in named:
             named[layout.mamba_mask_arg] = session.block_mask(named[layout.mamba_mask_arg], hidden_states.device)
-        if layout.attends(self):
+        if attends:
             named[layout.attention_mask_arg] = book.attention_mask(index, hidden_states,
                                                                    named.get(layout.attention_mask_arg), cache, session)
         if layout.unit(self) is self and _anchor_reduces(session, index):
