@@ -3,7 +3,7 @@
 For each shape, batch size and prompt length: the prefill time ratio reduced / dense at each FLOPs target
 (``utr`` by default), measured side by side (dense and reduced forwards alternate; median of the pairs'
 ratios), the attention KV-cache bytes after the prefill (reduced / dense, from ``ssm_reduce.stats``), and the
-time of one decode step after that prefill (reduced / dense).
+time per decode step over the steps after that prefill (reduced / dense).
 
 Shapes follow the published configs of Granite-4.0-H-Tiny, Nemotron-H-8B and Falcon-H1-1.5B (hidden size,
 heads, state size, experts, which layers attend); the layer stack is cut to ``--layers`` keeping the
@@ -67,7 +67,7 @@ def _falcon_h1_1_5b(t, layers):
 
 
 SHAPES = {"granite-4.0-h-tiny": (_granite_tiny, 10), "nemotron-h-8b": (_nemotron_h_8b, 7),
-          "falcon-h1-1.5b": (_falcon_h1_1_5b, 4)}
+          "falcon-h1-1.5b": (_falcon_h1_1_5b, 8)}
 
 
 def build(shape: str, layers: int, dtype, device, config_path=None):
@@ -89,7 +89,7 @@ def kv_bytes(stats) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def measure(model, batch: int, prompt: int, targets, method: str, repeats: int, device: str) -> dict:
+def measure(model, batch: int, prompt: int, targets, method: str, repeats: int, device: str, steps: int) -> dict:
     ids = torch.randint(3, VOCAB, (batch, prompt), device=device)
     step = torch.randint(3, VOCAB, (batch, 1), device=device)
 
@@ -104,7 +104,11 @@ def measure(model, batch: int, prompt: int, targets, method: str, repeats: int, 
         return time.perf_counter() - start, out
 
     def decode_step(out):
-        return timed(lambda: model(step, cache=out.cache, use_cache=True))[0]
+        """Seconds per step of ``steps`` greedy-shaped decode steps continuing ``out``'s cache."""
+        def run():
+            for _ in range(steps):
+                model(step, cache=out.cache, use_cache=True)
+        return timed(run)[0] / steps
 
     ssm_reduce.remove(model)
     prefill()  # warm-up
@@ -159,6 +163,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=8, help="decode steps timed after each prefill")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     harness.set_threads()
@@ -174,7 +179,8 @@ def main(argv=None):
         for batch in args.batch:
             for prompt in args.prompt:
                 print(f" batch {batch}, prompt {prompt}", flush=True)
-                rows = measure(model, batch, prompt, args.flops, args.method, args.repeats, args.device)
+                rows = measure(model, batch, prompt, args.flops, args.method, args.repeats, args.device,
+                               args.decode_steps)
                 results.append({"shape": shape, "layers": len(ssm_reduce.patch.hybrid.ADAPTER.blocks(model)),
                                 "batch": batch, "prompt": prompt, "method": args.method, "rows": rows})
         del model

@@ -201,13 +201,16 @@ def test_loss_and_bf16_forward(name):
 def test_stats_and_flops_target(name):
     model = tiny_hybrid(name)
     ssm_reduce.apply(model, method="utr", flops_reduction=0.2)
-    model(random_tokens(2, 256, seed=2))
+    model(random_tokens(2, 256, seed=2), use_cache=False)
     stats = ssm_reduce.stats(model)
     assert set(stats["anchors"]) <= set(MAMBA[name])
     assert stats["realised_flops_reduction"] == pytest.approx(0.2, abs=0.02)
     assert len(stats["tokens_per_layer"]) == len(model.model.layers if hasattr(model, "model") else
                                                  model.backbone.layers)
     assert sorted(stats.get("attention_layers", {})) == ATTENTION[name]
+    for layer, entry in stats.get("attention_layers", {}).items():  # no cache: tokens only
+        assert entry["dense_attended_tokens"] == 256 and entry["kv_cache_bytes"] is None
+        assert entry["attended_tokens"] == stats["tokens_per_layer"][layer]
 
 
 def test_hybrid_schedule_moves_anchors_to_mamba_layers():

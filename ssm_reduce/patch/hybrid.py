@@ -223,7 +223,8 @@ class _Book:
         self.batch, self.seq_len = batch, seq_len
         self.cache = None
         self.session = None  # the forward's session (None: it does not reduce), seen by its layers
-        self.kv: dict[int, torch.Tensor] = {}
+        self.kv: dict[int, torch.Tensor] = {}  # attention layer -> (B, T) real entries after this forward
+        self._past: dict = {}  # attention layer -> (B, T0) real entries before it (None: none)
         self._gathered: dict = {}
 
     def input_valid(self, device) -> torch.Tensor:
@@ -259,6 +260,7 @@ class _Book:
         past = self._past_valid(cache, index, hidden.device)
         full = new if past is None else torch.cat([past, new], 1)
         self.kv[index] = full
+        self._past[index] = past
         if (session is None or not session.reduced) and kv_record(cache) is None:
             return host_mask
         from transformers.masking_utils import create_causal_mask
@@ -311,8 +313,12 @@ class _Book:
             return
         layers = {}
         for index, full in sorted(self.kv.items()):
-            dense_real = record.dense_real if record is not None else real + (full.shape[1] - self.seq_len)
-            dense_columns = record.dense_columns if record is not None else full.shape[1]
+            past = self._past.get(index)
+            if record is not None:
+                dense_real, dense_columns = record.dense_real, record.dense_columns
+            else:  # nothing reduced before this forward: the past entries are the host's
+                dense_real = real + (0 if past is None else past.sum(1).to(real))
+                dense_columns = self.seq_len + (0 if past is None else past.shape[1])
             entry = {"attended_tokens": float(full.sum(1).double().mean()),
                      "dense_attended_tokens": float(dense_real.mean()),
                      "kv_cache_bytes": None, "dense_kv_cache_bytes": None}
