@@ -356,3 +356,21 @@ def test_an_unknown_mamba_mixer_is_refused(monkeypatch):
     with pytest.raises(TypeError, match="GraniteMoeHybridMambaLayer"):
         ssm_reduce.apply(model, method="utr", keep_ratio=0.7)
     assert not ssm_reduce.is_patched(model)
+
+
+@torch.no_grad()
+def test_right_padded_rows_equal_their_rows_alone(name):
+    model = tiny_hybrid(name)
+    ssm_reduce.apply(model, method="utr", keep_ratio=0.6, layers=_anchors(name))
+    ids, mask = left_padded(2, 34, [0, 9], seed=12)
+    lengths = mask.sum(1).tolist()
+    right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for row, n in enumerate(lengths):  # the same rows, padded on the right
+        right_ids[row, :n], right_mask[row, :n] = ids[row, 34 - n:], 1
+    batch = model(right_ids, attention_mask=right_mask)
+    for row, n in enumerate(lengths):
+        alone = model(right_ids[row:row + 1, :n])
+        got = batch.kept_positions[row]
+        real = got >= 0
+        assert torch.equal(got[real], alone.kept_positions[0])
+        torch.testing.assert_close(batch.logits[row][real], alone.logits[0], atol=2e-5, rtol=2e-5)
