@@ -304,7 +304,8 @@ def _run_mamba_ssm_cpu(tmp_path, env):
                           capture_output=True, text=True, timeout=900, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [r["layer"] for r in results][:2] == ["Mamba1", "Mamba2"] and len(results) == 3
+    assert [r["layer"] for r in results][:2] == ["Mamba1", "Mamba2"] and len(results) == 4
+    assert results[3]["decode_max_abs_diff"] < 1e-4  # the attention hybrid (check_attention)
     assert all(r["reduced_tokens"][1] < r["reduced_tokens"][0] for r in results)
 
 
