@@ -16,8 +16,22 @@ def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "ssm_reduce" in out and "kernels:" in out
-    assert "Mamba2ForCausalLM" in out
+    assert "Mamba2ForCausalLM" in out and "GraniteMoeHybridForCausalLM" in out
     assert "utr" in out
+
+
+def test_info_prints_a_hybrids_resolved_anchors(capsys):
+    assert cli.main(["info", "--model", "embedded-hybrid", "--method", "utr", "--flops-reduction", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "Mamba layers (anchors move to the nearest): [0, 1, 2, 4, 5, 6, 7, 9, 10, 11]" in out
+    assert "anchors: [" in out and "layer 2: host" in out
+
+
+def test_ppl_runs_on_the_embedded_hybrid(capsys):
+    assert cli.main(["ppl", "--model", "embedded-hybrid", "--method", "utr", "--flops-reduction", "0.2",
+                     "--window", "256", "--scored", "64", "--windows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "reduced" in out and "dense" in out
 
 
 def test_demo_rejects_bad_target(capsys):
@@ -160,5 +174,6 @@ def test_the_sdist_carries_the_kernel_sources_the_tests_and_the_embedded_model(t
     (archive,) = tmp_path.glob("*.tar.gz")
     names = {name.split("/", 1)[1] for name in tarfile.open(archive).getnames() if "/" in name}
     for needed in ("csrc/bindings.cpp", "csrc/scan_score/scan_score.cu", "tests/conftest.py", "tests/__init__.py",
-                   "tests/mamba_ssm_cpu.py", "ssm_reduce/data/embedded/model.safetensors", "LICENSE"):
+                   "tests/mamba_ssm_cpu.py", "ssm_reduce/data/embedded/model.safetensors",
+                   "ssm_reduce/data/embedded-hybrid/model.safetensors", "LICENSE"):
         assert needed in names, needed

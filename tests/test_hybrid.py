@@ -238,6 +238,9 @@ def test_bad_inputs_leave_the_model_as_it_was(name):
         model.generate(ids, max_new_tokens=2, num_beams=2, pad_token_id=0)
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.ones(2, 1, 24, 24))
+    if name in ("granite", "jamba"):
+        with pytest.raises(ValueError, match="output_router_logits"):
+            model(ids, output_router_logits=True)
     ssm_reduce.remove(model)
     assert_same_model(model, state, host_class)
 

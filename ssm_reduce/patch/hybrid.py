@@ -340,6 +340,16 @@ _BOOK: contextvars.ContextVar = contextvars.ContextVar("ssm_reduce_hybrid_forwar
 
 
 class _HybridLMMixin(_CausalLMMixin):
+    def forward(self, *args, **kwargs):
+        runtime = runtime_of(self)
+        if runtime is not None and runtime.resolved.anchors:
+            asked = _arguments(self, args, kwargs).get("output_router_logits")
+            if asked if asked is not None else getattr(self.config, "output_router_logits", False):
+                raise ValueError("output_router_logits: the routers' load-balancing loss is a training loss over every "
+                                 "token of every layer, and reduction gives later layers fewer tokens; turn it off "
+                                 "(output_router_logits=False), or train the unpatched model (ssm_reduce.remove)")
+        return super().forward(*args, **kwargs)
+
     def generate(self, *args, **kwargs):
         runtime = runtime_of(self)
         config = kwargs.get("generation_config") or getattr(self, "generation_config", None)
