@@ -377,3 +377,20 @@ def test_right_padded_rows_equal_their_rows_alone(name):
         real = got >= 0
         assert torch.equal(got[real], alone.kept_positions[0])
         torch.testing.assert_close(batch.logits[row][real], alone.logits[0], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["granite", "falcon_h1", "zamba2", "jamba"])
+@torch.no_grad()
+def test_eager_and_sdpa_attention_agree_after_a_reduction(name):
+    """The masks built over the kept tokens come in the kind each attention implementation expects: eager
+    (additive) and SDPA (boolean) give the same reduced logits on a left-padded batch, as the host's do."""
+    ids, mask = left_padded(2, 36, [0, 8], seed=14)
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        model = tiny_hybrid(name)
+        model.set_attn_implementation(implementation)
+        ssm_reduce.apply(model, method="utr", keep_ratio=0.6, layers=_anchors(name))
+        outputs[implementation] = model(ids, attention_mask=mask, use_cache=True)
+    assert torch.equal(outputs["eager"].kept_positions, outputs["sdpa"].kept_positions)
+    real = outputs["eager"].kept_positions >= 0
+    torch.testing.assert_close(outputs["eager"].logits[real], outputs["sdpa"].logits[real], atol=1e-5, rtol=1e-5)
