@@ -49,7 +49,10 @@ def read_stream(root: Path, rels: list[str]) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-HYBRID_ATTENTION = (3, 8)  # the embedded hybrid's attention layers (every other layer is Mamba-2)
+HYBRID_ATTENTION = (3, 8)
+# What both embedded models share: the byte-level vocabulary and its one special token, tied embeddings.
+BYTE_LEVEL = dict(vocab_size=EOT_ID + 1, tie_word_embeddings=True, bos_token_id=EOT_ID, eos_token_id=EOT_ID,
+                  pad_token_id=EOT_ID, use_cache=True)  # the embedded hybrid's attention layers (every other layer is Mamba-2)
 
 
 def build_model(args):
@@ -58,7 +61,6 @@ def build_model(args):
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     config = Mamba2Config(
-        vocab_size=EOT_ID + 1,
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
         expand=2,
@@ -68,11 +70,7 @@ def build_model(args):
         state_size=args.state,
         conv_kernel=4,
         chunk_size=args.chunk,
-        tie_word_embeddings=True,
-        bos_token_id=EOT_ID,
-        eos_token_id=EOT_ID,
-        pad_token_id=EOT_ID,
-        use_cache=True,
+        **BYTE_LEVEL,
     )
     torch.manual_seed(args.seed)
     return Mamba2ForCausalLM(config)
@@ -84,7 +82,6 @@ def build_hybrid(args):
 
     kinds = ["attention" if i in HYBRID_ATTENTION else "mamba" for i in range(args.layers)]
     config = NemotronHConfig(
-        vocab_size=EOT_ID + 1,
         hidden_size=args.hidden,
         layers_block_type=kinds,
         num_attention_heads=args.hidden // args.head_dim,
@@ -98,11 +95,7 @@ def build_hybrid(args):
         conv_kernel=4,
         chunk_size=args.chunk,
         expand=2,
-        tie_word_embeddings=True,
-        bos_token_id=EOT_ID,
-        eos_token_id=EOT_ID,
-        pad_token_id=EOT_ID,
-        use_cache=True,
+        **BYTE_LEVEL,
     )
     torch.manual_seed(args.seed)
     return NemotronHForCausalLM(config)
