@@ -15,6 +15,19 @@ from .hybrids import hybrids_unsupported
 needs_hybrids = pytest.mark.skipif(bool(hybrids_unsupported()), reason=hybrids_unsupported() or "")
 
 
+def _heldout_ids(tokenizer):
+    """The first 513 bytes of the first held-out file, as ids."""
+    root, rels = heldout_files()
+    text = (root / sorted(rels)[0]).read_text(encoding="utf-8", errors="replace")
+    return tokenizer(text, return_tensors="pt").input_ids[:, :513]
+
+
+def _heldout_bits(model, ids):
+    """Mean next-byte loss in bits over ``ids``."""
+    logits = model(ids[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item() / math.log(2)
+
+
 @pytest.fixture(scope="module")
 def embedded():
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -36,13 +49,8 @@ def test_card_and_size():
 def test_heldout_bits_per_byte_only_a_trained_model_reaches(embedded):
     model, tokenizer = embedded
     assert type(model).__name__ == "Mamba2ForCausalLM" and model.config.num_hidden_layers >= 12
-    root, rels = heldout_files()
-    text = (root / sorted(rels)[0]).read_text(encoding="utf-8", errors="replace")
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :513]
-    logits = model(ids[:, :-1]).logits
-    bits = torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item() / math.log(2)
     # A uniform guess over 257 ids costs 8 bits per byte; random weights cost about as much.
-    assert bits < 3.0
+    assert _heldout_bits(model, _heldout_ids(tokenizer)) < 3.0
 
 
 @torch.no_grad()
@@ -86,12 +94,8 @@ def test_hybrid_is_trained_and_reduces(embedded_hybrid):
     model, tokenizer = embedded_hybrid
     kinds = [layer.block_type for layer in model.model.layers]
     assert kinds.count("full_attention") + kinds.count("attention") in (2, 3)
-    root, rels = heldout_files()
-    text = (root / sorted(rels)[0]).read_text(encoding="utf-8", errors="replace")
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :513]
-    dense = model(ids[:, :-1]).logits
-    bits = torch.nn.functional.cross_entropy(dense[0], ids[0, 1:]).item() / math.log(2)
-    assert bits < 3.5
+    ids = _heldout_ids(tokenizer)
+    assert _heldout_bits(model, ids) < 3.5
     ssm_reduce.apply(model, method="utr", flops_reduction=0.2)
     try:
         out = model(ids[:, :-1])
