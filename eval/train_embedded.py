@@ -217,7 +217,11 @@ def model_card(card: dict) -> str:
     hybrid = t.get("arch") == "hybrid"
     kind = "Mamba-2 / attention hybrid" if hybrid else "Mamba-2"
     attention = f" (attention at layers {', '.join(map(str, HYBRID_ATTENTION))}, Mamba-2 elsewhere)" if hybrid else ""
-    return f"""# ssm_reduce embedded model
+    name = "embedded hybrid model" if hybrid else "embedded model"
+    command = "python eval/train_embedded.py"
+    if hybrid:
+        command += f" --arch hybrid --tokens {t['tokens']}"
+    return f"""# ssm_reduce {name}
 
 A byte-level {kind} language model (`transformers` `{card['architecture']}`, {card['parameters'] / 1e6:.2f}M
 parameters, {t['layers']} layers{attention}, hidden size {t['hidden']}, head dim {t['head_dim']}, state size {t['state']})
@@ -234,7 +238,8 @@ that the demo, the tests and the accuracy tables run offline on any machine.
 | training | {card['tokens_seen'] / 1e6:.1f}M bytes, batch {t['batch']} x {t['seqlen']}, AdamW lr {t['lr']}, seed {t['seed']}, {card['train_minutes']} min on CPU |
 
 Tokenizer: ids 0-255 are raw bytes, 256 is `<|endoftext|>` (also BOS, EOS and padding).
-Reproduce with `python eval/train_embedded.py` (see `training.json` for every setting).
+Reproduce with `{command}`
+(see `training.json` for every setting).
 """
 
 
