@@ -240,3 +240,14 @@ def test_hybrids_dense_exact_and_reduced_batch_invariant(name, task_dir):
     eight = loglikelihoods(ReducedLM(batch_size=8, **args), task_dir)
     assert one == pytest.approx(eight, abs=1e-4)
     assert one != pytest.approx(stock, abs=1e-4)
+
+
+@pytest.mark.skipif(bool(hybrids_unsupported()), reason=hybrids_unsupported() or "")
+def test_pretrained_embedded_hybrid_loads_the_embedded_hybrid(task_dir):
+    """``pretrained=embedded-hybrid`` loads the packaged hybrid with its tokenizer, and it reduces."""
+    lm = ReducedLM(pretrained="embedded-hybrid", device="cpu", batch_size=4, method="utr", keep_ratio=0.7)
+    assert type(lm.model).__name__ == "NemotronHForCausalLM"
+    reduced = loglikelihoods(lm, task_dir, tasks=("local_lw",))
+    dense = loglikelihoods(ReducedLM(pretrained="embedded-hybrid", device="cpu", batch_size=4), task_dir,
+                           tasks=("local_lw",))
+    assert all(x < 0 for x in reduced + dense) and reduced != pytest.approx(dense, abs=1e-4)
