@@ -61,15 +61,25 @@ def evaluate_setting(model, tokenizer, config, args, stream) -> dict:
         model=lm, tasks=TASKS, task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False),
         limit=args.limit, bootstrap_iters=0,
     )["results"]
-    ppl = windowed_perplexity(model, stream, window=args.window, scored=args.scored, batch_size=args.batch_size,
-                              max_windows=args.windows)
-    ssm_reduce.remove(model)
-    return {
-        "nextline_acc": results["embedded_nextline"]["acc,none"],
-        "lastident_acc": results["embedded_lastident"]["acc,none"],
-        "heldout_bits_per_byte": ppl["bits_per_token"],
-        "realised_flops_reduction": ppl.get("realised_flops_reduction", 0.0),
-    }
+    row = {"nextline_acc": results["embedded_nextline"]["acc,none"],
+           "lastident_acc": results["embedded_lastident"]["acc,none"]}
+    try:
+        ppl = windowed_perplexity(model, stream, window=args.window, scored=args.scored, batch_size=args.batch_size,
+                                  max_windows=args.windows)
+    except RuntimeError as error:
+        # tor-official protects no position; where it removes a scored byte the protocol has no score to give.
+        if "scored positions were not kept" not in str(error):
+            raise
+        return row | {"heldout_bits_per_byte": None, "realised_flops_reduction": None,
+                      "note": "removed scored positions (the method protects none): no bits/byte"}
+    finally:
+        ssm_reduce.remove(model)
+    return row | {"heldout_bits_per_byte": ppl["bits_per_token"],
+                  "realised_flops_reduction": ppl.get("realised_flops_reduction", 0.0)}
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def markdown(rows) -> str:
@@ -79,8 +89,9 @@ def markdown(rows) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['flops_reduction']:.1f} | {r['realised_flops_reduction']:.3f} | "
-            f"{100 * r['nextline_acc']:.1f} | {100 * r['lastident_acc']:.1f} | {r['heldout_bits_per_byte']:.3f} |"
+            f"| {r['method']} | {r['flops_reduction']:.1f} | {_fmt(r['realised_flops_reduction'], '.3f')} | "
+            f"{100 * r['nextline_acc']:.1f} | {100 * r['lastident_acc']:.1f} | "
+            f"{_fmt(r['heldout_bits_per_byte'], '.3f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -98,7 +109,7 @@ def plot(rows, path):
                            (axes[1], "lastident_acc", "last-identifier accuracy"),
                            (axes[2], "heldout_bits_per_byte", "held-out bits per byte (lower is better)")):
         for method in methods:
-            pts = sorted((r["flops_reduction"], r[key]) for r in rows if r["method"] == method)
+            pts = sorted((r["flops_reduction"], r[key]) for r in rows if r["method"] == method and r[key] is not None)
             ax.plot([0.0] + [x for x, _ in pts], [dense[key]] + [y for _, y in pts], marker="o", label=method)
         ax.set_title(title)
         ax.set_xlabel("target FLOPs reduction")
