@@ -37,7 +37,7 @@ def _load(name):
 
 def _env(payload) -> str:
     env = payload["environment"]
-    threads = env.get('cpu_threads')
+    threads = env.get("cpu_threads")
     where = env.get("gpu") or f"{env['cpu']}, {threads} thread{'s' if threads != 1 else ''}"
     commands = [e["command"] for e in env.get("earlier_runs", [])] + [env["command"]]
     return _wrap(f"*{where}; torch {env['torch']}, transformers {env['transformers']}; "

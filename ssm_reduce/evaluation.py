@@ -19,6 +19,10 @@ from .config import ReduceConfig
 from .patch import apply, check, is_patched, protect, remove, stats
 
 
+class ScoredPositionsRemoved(RuntimeError):
+    """A reduced forward removed positions the protocol scores (a method that protects none)."""
+
+
 def windows_of(tokens: torch.Tensor, window: int, stride: Optional[int] = None, max_windows: Optional[int] = None):
     """(W_count, window + 1) token windows (inputs plus the next token) from a 1-D stream."""
     if tokens.dim() != 1:
@@ -66,7 +70,7 @@ def windowed_perplexity(
                 out = model(inputs, logits_to_keep=scored, use_cache=False)
             expected = torch.arange(window - scored, window, device=device).expand(len(batch), scored)
             if not torch.equal(out.kept_positions, expected):
-                raise RuntimeError("scored positions were not kept; the protection failed")
+                raise ScoredPositionsRemoved("scored positions were not kept; the protection failed")
             reductions.append((stats(model)["realised_flops_reduction"], len(batch)))
         else:
             out = model(inputs, logits_to_keep=scored, use_cache=False)
